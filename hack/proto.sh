@@ -38,7 +38,7 @@ install_tool() {
   fi
   echo "hack/proto.sh: installing $pkg@$version into .cache/tools/bin" >&2
   mkdir -p "$tools_bin"
-  GOBIN="$tools_bin" GOFLAGS= go install "$pkg@$version" \
+  GOBIN="$tools_bin" GOFLAGS='' go install "$pkg@$version" \
     || die "go install $pkg@$version failed"
   "$tools_bin/$bin" --version 2>/dev/null | grep -qw -- "${version#v}\|$version" \
     || die "$bin installed but does not report version $version"
@@ -86,12 +86,15 @@ mapfile -t committed < <(list_generated proto)
 
 if [[ "$mode" == check ]]; then
   stale=0
-  while IFS= read -r line; do
-    echo "$line" >&2
-    stale=1
-  done < <(LC_ALL=C comm -3 <(printf '%s\n' "${fresh[@]}") <(printf '%s\n' "${committed[@]}") \
-           | sed -e 's|^\t\(.*\)|proto/\1: committed but no longer generated|' \
-                 -e 's|^\([^\t].*\)|proto/\1: generated but not committed|')
+  declare -A is_fresh=() is_committed=()
+  for f in "${fresh[@]}"; do is_fresh[$f]=1; done
+  for f in "${committed[@]}"; do is_committed[$f]=1; done
+  for f in "${fresh[@]}"; do
+    [[ -n "${is_committed[$f]:-}" ]] || { echo "proto/$f: generated but not committed" >&2; stale=1; }
+  done
+  for f in "${committed[@]}"; do
+    [[ -n "${is_fresh[$f]:-}" ]] || { echo "proto/$f: committed but no longer generated" >&2; stale=1; }
+  done
   for f in "${fresh[@]}"; do
     [[ -f "proto/$f" ]] || continue
     if ! diff -u "proto/$f" "$tmp/$f" --label "proto/$f (committed)" --label "proto/$f (regenerated)" >&2; then
