@@ -49,7 +49,7 @@ test-fuzz:
 
 # HBONE interop against Istio's own implementation (nested module).
 test-interop:
-	cd e2e/interop && $(GO) test -count=1 ./...
+	cd e2e/interop && $(GO) test -race -count=1 ./...
 
 proto:
 	hack/proto.sh
@@ -58,6 +58,7 @@ lint:
 	$(GO) vet ./...
 	@test -x $(TOOLS)/staticcheck || GOBIN=$(TOOLS) $(GO) install $(STATICCHECK)
 	$(TOOLS)/staticcheck ./...
+	cd e2e/interop && $(GO) vet ./... && $(TOOLS)/staticcheck ./...
 
 bench: build
 	$(GO) run ./bench/cmd/bench $(if $(SCENARIO),-scenario $(SCENARIO),) -out bench
