@@ -18,9 +18,10 @@ BINARIES := \
 	mesh-cni=./cni/cmd/mesh-cni \
 	cni-agent=./cni/cmd/cni-agent \
 	meshctl=./meshctl \
-	sandbox=./e2e/cmd/sandbox
+	sandbox=./e2e/cmd/sandbox \
+	echo=./e2e/cmd/echo
 
-.PHONY: all build test test-unit test-proto test-fuzz test-interop proto lint bench demo down clean
+.PHONY: all build deps test test-unit test-e2e test-proto test-fuzz test-interop proto lint bench demo down clean
 
 all: build
 
@@ -31,13 +32,26 @@ build:
 		$(GO) build -trimpath -o $(BIN)/$${b%%=*} $${b#*=}; \
 	done
 
-## test: everything CI runs (.ci/run calls this).
-test: build test-proto test-unit test-fuzz test-interop
+# The pinned kube binaries (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler) and reference CNI plugins the sandbox runs; cached under .cache/.
+deps:
+	hack/kube-bins.sh
+	hack/cni-plugins.sh
 
-# Unit and loopback integration tests of the main module, with the race detector.
+## test: everything CI runs (.ci/run calls this).
+test: build test-proto test-unit test-fuzz test-interop test-e2e
+
+UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/e2e/')
+E2E_PKGS  = $(shell $(GO) list ./e2e/...)
+
+# Unit and loopback integration tests (everything outside e2e/), with the race detector.
 test-unit:
 	$(GO) vet ./...
-	$(GO) test -race -count=1 ./...
+	$(GO) test -race -count=1 $(UNIT_PKGS)
+
+# The sandbox cluster and its end-to-end tests (root; real kube-apiserver, netns, iptables).
+test-e2e: build deps
+	$(GO) test -race -count=1 -timeout 20m $(E2E_PKGS)
 
 # Fails when the committed generated code differs from what `make proto` makes.
 test-proto:
@@ -63,9 +77,8 @@ lint:
 bench: build
 	$(GO) run ./bench/cmd/bench $(if $(SCENARIO),-scenario $(SCENARIO),) -out bench
 
-demo: build
-	@echo "make demo: the sandbox demo arrives with issues #3-#7; nothing to run yet." >&2
-	@exit 2
+demo: build deps
+	hack/demo.sh
 
 down:
 	@if [ -x $(BIN)/sandbox ]; then $(BIN)/sandbox down; fi

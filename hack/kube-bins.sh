@@ -39,7 +39,7 @@ trap 'rm -rf "$tmp"' EXIT
 
 start=$(date +%s)
 cd "$mod"
-export GOFLAGS="${GOFLAGS:-} -mod=mod"
+export GOFLAGS="${GOFLAGS:-} -mod=readonly"
 export CGO_ENABLED=0
 echo "kube-bins: building $version into $out (takes about 5 minutes on 2 cores)" >&2
 go build -trimpath -ldflags "$ldflags" -o "$tmp/" \

@@ -1,5 +1,14 @@
 package kubelet
 
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+)
+
 // Config is what the sandbox writes for each node's kubelet-lite (as JSON, at
 // <StateDir>/nodes/<NodeName>/kubelet.json) and what `sandbox kubelet --config`
 // reads. It is the only contract between the cluster launcher and kubelet-lite.
@@ -36,4 +45,54 @@ type Config struct {
 	ServingCert  string `json:"servingCert"`
 	ServingKey   string `json:"servingKey"`
 	ClientCAFile string `json:"clientCAFile"`
+}
+
+// LoadConfig reads and checks a kubelet.json.
+func LoadConfig(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read kubelet config: %w", err)
+	}
+	var c Config
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("parse kubelet config %s: %w", path, err)
+	}
+	if err := c.validate(); err != nil {
+		return nil, fmt.Errorf("kubelet config %s: %w", path, err)
+	}
+	return &c, nil
+}
+
+func (c *Config) validate() error {
+	var errs []error
+	need := func(name, v string) {
+		if v == "" {
+			errs = append(errs, fmt.Errorf("%s is required", name))
+		}
+	}
+	need("nodeName", c.NodeName)
+	need("kubeconfig", c.Kubeconfig)
+	need("cniConfDir", c.CNIConfDir)
+	need("cniBinDir", c.CNIBinDir)
+	need("cniCacheDir", c.CNICacheDir)
+	need("podsDir", c.PodsDir)
+	need("rootDir", c.RootDir)
+	need("servingCert", c.ServingCert)
+	need("servingKey", c.ServingKey)
+	need("clientCAFile", c.ClientCAFile)
+	if net.ParseIP(c.NodeIP) == nil {
+		errs = append(errs, fmt.Errorf("nodeIP %q is not an IP address", c.NodeIP))
+	}
+	if _, _, err := net.ParseCIDR(c.PodCIDR); err != nil {
+		errs = append(errs, fmt.Errorf("podCIDR %q: %w", c.PodCIDR, err))
+	}
+	if c.ClusterDNS != "" && net.ParseIP(c.ClusterDNS) == nil {
+		errs = append(errs, fmt.Errorf("clusterDNS %q is not an IP address", c.ClusterDNS))
+	}
+	if c.ClusterDomain == "" {
+		c.ClusterDomain = "cluster.local"
+	}
+	return errors.Join(errs...)
 }
