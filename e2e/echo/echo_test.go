@@ -44,18 +44,18 @@ func startServer(t *testing.T) *Server {
 	return s
 }
 
-func run(t *testing.T, cfg ClientConfig) ([]Result, error, string) {
+func run(t *testing.T, cfg ClientConfig) ([]Result, string, error) {
 	t.Helper()
 	var out bytes.Buffer
 	cfg.Out = &out
 	res, err := RunClient(context.Background(), cfg)
-	return res, err, out.String()
+	return res, out.String(), err
 }
 
 func TestHTTP1_EchoesRequestIdentityAndPeer(t *testing.T) {
 	s := startServer(t)
 	addr := s.Addrs("http")[0]
-	res, err, out := run(t, ClientConfig{
+	res, out, err := run(t, ClientConfig{
 		URL: "http://" + addr + "/hello?x=1", Count: 2, Body: "line1\nline2",
 		Headers: []string{"X-Test: a", "Host: echo.demo.svc"},
 	})
@@ -86,7 +86,7 @@ func TestHTTP1_EchoesRequestIdentityAndPeer(t *testing.T) {
 
 func TestH2C_SamePortSpeaksHTTP2(t *testing.T) {
 	s := startServer(t)
-	res, err, out := run(t, ClientConfig{URL: "h2c://" + s.Addrs("http")[0] + "/"})
+	res, out, err := run(t, ClientConfig{URL: "h2c://" + s.Addrs("http")[0] + "/"})
 	if err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
@@ -98,7 +98,7 @@ func TestH2C_SamePortSpeaksHTTP2(t *testing.T) {
 func TestGRPC_OnGRPCPortAndHTTPPort(t *testing.T) {
 	s := startServer(t)
 	for _, addr := range []string{s.Addrs("grpc")[0], s.Addrs("http")[0]} {
-		res, err, out := run(t, ClientConfig{URL: "grpc://" + addr, Body: "ping", Headers: []string{"X-Trace: 7"}, Count: 2})
+		res, out, err := run(t, ClientConfig{URL: "grpc://" + addr, Body: "ping", Headers: []string{"X-Trace: 7"}, Count: 2})
 		if err != nil {
 			t.Fatalf("%s: %v\n%s", addr, err, out)
 		}
@@ -120,7 +120,7 @@ func TestGRPC_OnGRPCPortAndHTTPPort(t *testing.T) {
 
 func TestTCP_EchoesBytes(t *testing.T) {
 	s := startServer(t)
-	res, err, out := run(t, ClientConfig{URL: "tcp://" + s.Addrs("tcp")[0], Body: strings.Repeat("abc", 10000), Count: 3, NewConnPerRequest: true})
+	res, out, err := run(t, ClientConfig{URL: "tcp://" + s.Addrs("tcp")[0], Body: strings.Repeat("abc", 10000), Count: 3, NewConnPerRequest: true})
 	if err != nil || len(res) != 3 || !strings.Contains(res[0].Status, "echoed 30000 bytes") {
 		t.Fatalf("%v\n%s", err, out)
 	}
@@ -130,16 +130,16 @@ func TestHTTP_StatusDelaySizeAndHeaders(t *testing.T) {
 	s := startServer(t)
 	base := "http://" + s.Addrs("http")[0]
 	// A 503 fails by default and succeeds when expected.
-	_, err, _ := run(t, ClientConfig{URL: base + "/?status=503"})
+	_, _, err := run(t, ClientConfig{URL: base + "/?status=503"})
 	if !errors.Is(err, ErrFailed) {
 		t.Fatalf("503 counted as success: %v", err)
 	}
-	res, err, _ := run(t, ClientConfig{URL: base + "/?status=503", ExpectStatus: 503})
+	res, _, err := run(t, ClientConfig{URL: base + "/?status=503", ExpectStatus: 503})
 	if err != nil || res[0].Code != 503 {
 		t.Fatalf("expected 503: %v %+v", err, res)
 	}
 	// The per-request timeout bounds a delayed answer.
-	_, err, out := run(t, ClientConfig{URL: base + "/?delay=2s", Timeout: 200 * time.Millisecond})
+	_, out, err := run(t, ClientConfig{URL: base + "/?delay=2s", Timeout: 200 * time.Millisecond})
 	if !errors.Is(err, ErrFailed) || !strings.Contains(out, "error:") {
 		t.Fatalf("delay beyond timeout: %v\n%s", err, out)
 	}
@@ -169,17 +169,17 @@ func TestRunClient_Errors(t *testing.T) {
 	closed := ln.Addr().String()
 	ln.Close()
 	for _, u := range []string{"http://" + closed + "/", "tcp://" + closed, "grpc://" + closed} {
-		res, err, _ := run(t, ClientConfig{URL: u, Timeout: time.Second})
+		res, _, err := run(t, ClientConfig{URL: u, Timeout: time.Second})
 		if !errors.Is(err, ErrFailed) || len(res) != 1 || res[0].OK {
 			t.Errorf("%s: %v %+v", u, err, res)
 		}
 	}
 	for _, u := range []string{"ftp://x:1", "not a url", "http://"} {
-		if _, err, _ := run(t, ClientConfig{URL: u}); err == nil || errors.Is(err, ErrFailed) {
+		if _, _, err := run(t, ClientConfig{URL: u}); err == nil || errors.Is(err, ErrFailed) {
 			t.Errorf("%q: want a usage error, got %v", u, err)
 		}
 	}
-	if _, err, _ := run(t, ClientConfig{URL: "http://127.0.0.1:1/", Headers: []string{"bad"}}); err == nil {
+	if _, _, err := run(t, ClientConfig{URL: "http://127.0.0.1:1/", Headers: []string{"bad"}}); err == nil {
 		t.Error("bad header accepted")
 	}
 }

@@ -2,6 +2,7 @@ package kubelet
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -66,15 +67,26 @@ func loadConfFile(path string) (*libcni.NetworkConfigList, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", path, err)
 	}
-	conf, err := libcni.NetworkPluginConfFromBytes(b)
-	if err != nil {
-		return nil, fmt.Errorf("load %s: %w", path, err)
-	}
-	list, err := libcni.ConfListFromConf(conf)
+	list, err := confListFromPlugin(b)
 	if err != nil {
 		return nil, fmt.Errorf("load %s: %w", path, err)
 	}
 	return list, nil
+}
+
+// confListFromPlugin wraps a single-plugin network config (such as loopback)
+// in a one-plugin conflist, the only format libcni still runs.
+func confListFromPlugin(b []byte) (*libcni.NetworkConfigList, error) {
+	var plugin map[string]any
+	if err := json.Unmarshal(b, &plugin); err != nil {
+		return nil, fmt.Errorf("parse network config: %w", err)
+	}
+	list := map[string]any{"cniVersion": plugin["cniVersion"], "name": plugin["name"], "plugins": []any{plugin}}
+	raw, err := json.Marshal(list)
+	if err != nil {
+		return nil, err
+	}
+	return libcni.NetworkConfFromBytes(raw)
 }
 
 // runtimeConf is what a kubelet's runtime passes for a pod: the sandbox id,
@@ -201,12 +213,7 @@ func (c *cniNet) del(ctx context.Context, containerID, netnsPath string) error {
 		list, err := libcni.NetworkConfFromBytes(a.Config)
 		if err != nil {
 			// A cached single-plugin network (loopback).
-			conf, cerr := libcni.NetworkPluginConfFromBytes(a.Config)
-			if cerr != nil {
-				errs = append(errs, fmt.Errorf("parse cached CNI config %s: %w", a.Network, err))
-				continue
-			}
-			if list, err = libcni.ConfListFromConf(conf); err != nil {
+			if list, err = confListFromPlugin(a.Config); err != nil {
 				errs = append(errs, fmt.Errorf("parse cached CNI config %s: %w", a.Network, err))
 				continue
 			}

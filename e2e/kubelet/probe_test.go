@@ -121,7 +121,7 @@ func TestRunProbe_HTTPTCPExec(t *testing.T) {
 		case "/redirect":
 			http.Redirect(w, r, "/elsewhere", http.StatusFound)
 		default:
-			http.Error(w, "nope", 503)
+			http.Error(w, "nope", http.StatusServiceUnavailable)
 		}
 	}))
 	defer srv.Close()
