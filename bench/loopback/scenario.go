@@ -11,7 +11,11 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime/pprof"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -26,6 +30,9 @@ type Options struct {
 	Duration time.Duration
 	Rounds   int
 	Log      *slog.Logger
+	// ProfileDir, when set, gets a CPU profile of each row's last round
+	// (<dir>/<scenario>-<row>.pprof), for finding where the time goes.
+	ProfileDir string
 }
 
 // Name is the scenario's name for `make bench SCENARIO=...`.
@@ -148,9 +155,14 @@ func run(ctx context.Context, o Options) (report.Result, error) {
 	samples := make([][]float64, len(rows))
 	for round := 0; round < o.Rounds; round++ {
 		for i, r := range rows {
+			stopProfile, err := startProfile(o.ProfileDir, r.name, round == o.Rounds-1)
+			if err != nil {
+				return report.Result{}, err
+			}
 			mctx, cancel := context.WithTimeout(ctx, o.Duration+30*time.Second)
 			g, err := measure(mctx, r.dial, o.Duration)
 			cancel()
+			stopProfile()
 			if err != nil {
 				return report.Result{}, fmt.Errorf("%s: %w", r.name, err)
 			}
@@ -200,4 +212,28 @@ func median(v []float64) float64 {
 		return s[len(s)/2]
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// startProfile starts a CPU profile for a row when asked to; the returned
+// func stops it.
+func startProfile(dir, rowName string, last bool) (func(), error) {
+	if dir == "" || !last {
+		return func() {}, nil
+	}
+	name := strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' {
+			return r
+		}
+		return '-'
+	}, rowName)
+	path := filepath.Join(dir, Name+"-"+name+".pprof")
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
 }

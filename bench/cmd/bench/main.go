@@ -22,6 +22,7 @@ func main() {
 	out := flag.String("out", "bench", "directory for RESULTS.md and results.json")
 	duration := flag.Duration("duration", 5*time.Second, "length of one measurement")
 	rounds := flag.Int("rounds", 3, "measurements per row (interleaved); the median is reported")
+	profileDir := flag.String("profile-dir", "", "write a CPU profile of each row's last round here")
 	flag.Parse()
 
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -29,7 +30,7 @@ func main() {
 	defer stop()
 
 	scenarios := []report.Scenario{
-		loopback.Scenario(loopback.Options{Duration: *duration, Rounds: *rounds, Log: log}),
+		loopback.Scenario(loopback.Options{Duration: *duration, Rounds: *rounds, Log: log, ProfileDir: *profileDir}),
 	}
 	var results []report.Result
 	for _, s := range scenarios {
