@@ -45,7 +45,7 @@ UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/e2e/')
 E2E_PKGS  = $(shell $(GO) list ./e2e/...)
 
 # Unit and loopback integration tests (everything outside e2e/), with the race detector.
-test-unit:
+test-unit: deps
 	$(GO) vet ./...
 	$(GO) test -race -count=1 $(UNIT_PKGS)
 

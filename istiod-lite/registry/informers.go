@@ -1,0 +1,122 @@
+package registry
+
+import (
+	"context"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+	gatewayclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
+	gatewayinformers "sigs.k8s.io/gateway-api/pkg/client/informers/externalversions"
+
+	"github.com/meshlite/meshlite/istiod-lite/model"
+)
+
+// Informers are the shared informers the registry reads. Other parts (the
+// CA's pod index) may share them; add indexers and handlers before Start.
+type Informers struct {
+	Namespaces, Nodes, Pods, Services, EndpointSlices cache.SharedIndexInformer
+	// Gateways are gateway.networking.k8s.io/v1 Gateways.
+	Gateways cache.SharedIndexInformer
+	// AuthorizationPolicies and PeerAuthentications deliver
+	// security.istio.io/v1 objects as unstructured.
+	AuthorizationPolicies, PeerAuthentications cache.SharedIndexInformer
+
+	kubeFactory    informers.SharedInformerFactory
+	gatewayFactory gatewayinformers.SharedInformerFactory
+	dynFactory     dynamicinformer.DynamicSharedInformerFactory
+}
+
+// NewInformers builds the informers (not started). Objects are trimmed of
+// what nothing here reads, which keeps a large cluster's memory down.
+func NewInformers(kc kubernetes.Interface, gc gatewayclient.Interface, dc dynamic.Interface, resync time.Duration) (*Informers, error) {
+	kf := informers.NewSharedInformerFactory(kc, resync)
+	gf := gatewayinformers.NewSharedInformerFactory(gc, resync)
+	df := dynamicinformer.NewDynamicSharedInformerFactory(dc, resync)
+	in := &Informers{
+		Namespaces:            kf.Core().V1().Namespaces().Informer(),
+		Nodes:                 kf.Core().V1().Nodes().Informer(),
+		Pods:                  kf.Core().V1().Pods().Informer(),
+		Services:              kf.Core().V1().Services().Informer(),
+		EndpointSlices:        kf.Discovery().V1().EndpointSlices().Informer(),
+		Gateways:              gf.Gateway().V1().Gateways().Informer(),
+		AuthorizationPolicies: df.ForResource(model.AuthorizationPolicyGVR).Informer(),
+		PeerAuthentications:   df.ForResource(model.PeerAuthenticationGVR).Informer(),
+		kubeFactory:           kf,
+		gatewayFactory:        gf,
+		dynFactory:            df,
+	}
+	for _, inf := range in.all() {
+		if err := inf.SetTransform(trim); err != nil {
+			return nil, err
+		}
+	}
+	return in, nil
+}
+
+func (in *Informers) all() []cache.SharedIndexInformer {
+	return []cache.SharedIndexInformer{in.Namespaces, in.Nodes, in.Pods, in.Services, in.EndpointSlices,
+		in.Gateways, in.AuthorizationPolicies, in.PeerAuthentications}
+}
+
+// Start starts every informer; Shutdown stops them and waits.
+func (in *Informers) Start(ctx context.Context) {
+	in.kubeFactory.Start(ctx.Done())
+	in.gatewayFactory.Start(ctx.Done())
+	in.dynFactory.Start(ctx.Done())
+}
+
+// Shutdown waits for the informers to stop (cancel Start's ctx first).
+func (in *Informers) Shutdown() {
+	in.kubeFactory.Shutdown()
+	in.gatewayFactory.Shutdown()
+	in.dynFactory.Shutdown()
+}
+
+// HasSynced reports whether every informer has listed.
+func (in *Informers) HasSynced() bool {
+	for _, inf := range in.all() {
+		if !inf.HasSynced() {
+			return false
+		}
+	}
+	return true
+}
+
+// trim drops managed fields everywhere, and from pods the container
+// statuses and all of the spec the mesh does not read.
+func trim(obj any) (any, error) {
+	if m, ok := obj.(metav1.ObjectMetaAccessor); ok {
+		m.GetObjectMeta().SetManagedFields(nil)
+	}
+	if u, ok := obj.(interface {
+		SetManagedFields([]metav1.ManagedFieldsEntry)
+	}); ok {
+		u.SetManagedFields(nil)
+	}
+	if p, ok := obj.(*corev1.Pod); ok {
+		var containers []corev1.Container
+		for _, c := range p.Spec.Containers {
+			if len(c.Ports) > 0 {
+				containers = append(containers, corev1.Container{Name: c.Name, Ports: c.Ports})
+			}
+		}
+		p.Spec = corev1.PodSpec{
+			Containers:         containers,
+			ServiceAccountName: p.Spec.ServiceAccountName,
+			NodeName:           p.Spec.NodeName,
+			HostNetwork:        p.Spec.HostNetwork,
+			Hostname:           p.Spec.Hostname,
+			Subdomain:          p.Spec.Subdomain,
+		}
+		p.Status.InitContainerStatuses = nil
+		p.Status.ContainerStatuses = nil
+		p.Status.EphemeralContainerStatuses = nil
+	}
+	return obj, nil
+}

@@ -1,0 +1,134 @@
+package registry
+
+import (
+	"log/slog"
+	"sort"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	"github.com/meshlite/meshlite/istiod-lite/model"
+	"github.com/meshlite/meshlite/istiod-lite/xds"
+)
+
+// publisher records what the registry publishes per batch.
+type publisher struct {
+	batches [][]string // "+name" / "-name"
+	ready   bool
+}
+
+func (p *publisher) Update(typeURL string, set []*xds.Resource, remove []string) int {
+	var b []string
+	for _, r := range set {
+		b = append(b, "+"+r.Name)
+	}
+	for _, n := range remove {
+		b = append(b, "-"+n)
+	}
+	sort.Strings(b)
+	p.batches = append(p.batches, b)
+	return len(b)
+}
+func (p *publisher) MarkReady() { p.ready = true }
+
+func testRegistry() (*Registry, *publisher) {
+	p := &publisher{}
+	r := &Registry{
+		b: model.NewBuilder(model.Config{}, model.NewStore()), out: p, log: slog.New(slog.DiscardHandler),
+		sliceUIDs: map[types.NamespacedName][]string{}, wpDeps: map[string]map[objRef]struct{}{},
+		objWP: map[objRef]string{}, paKeys: map[string]bool{},
+		events:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "e"}, []string{"kind"}),
+		recompute: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "h"}),
+	}
+	return r, p
+}
+
+func pod(ns, name, ip string, lbls map[string]string) *corev1.Pod {
+	return &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: lbls},
+		Spec:   corev1.PodSpec{NodeName: "n1"},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip}}
+}
+
+func last(p *publisher) []string {
+	if len(p.batches) == 0 {
+		return nil
+	}
+	return p.batches[len(p.batches)-1]
+}
+
+func equal(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func TestRegistry_RecomputesOnlyWhatAChangeAffects(t *testing.T) {
+	r, p := testRegistry()
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "a"}}
+	p1 := pod("a", "p1", "10.0.0.1", map[string]string{"app": "web"})
+	p2 := pod("a", "p2", "10.0.0.2", map[string]string{"app": "db"})
+	other := pod("b", "p3", "10.0.0.3", map[string]string{"app": "web"})
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "web"},
+		Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.1", Selector: map[string]string{"app": "web"}}}
+	r.process([]event{{kind: kindNamespace, cur: ns}, {kind: kindPod, cur: p1}, {kind: kindPod, cur: p2}, {kind: kindPod, cur: other},
+		{kind: kindService, cur: svc}, {kind: kindSynced, cur: true}})
+	if !p.ready {
+		t.Fatal("not marked ready after the synced marker")
+	}
+	want := []string{"+Kubernetes//Pod/a/p1", "+Kubernetes//Pod/a/p2", "+Kubernetes//Pod/b/p3", "+a/web.a.svc.cluster.local"}
+	if got := last(p); !equal(got, want) {
+		t.Fatalf("initial batch %v, want %v", got, want)
+	}
+	step := func(what string, e event, want ...string) {
+		t.Helper()
+		n := len(p.batches)
+		r.process([]event{e})
+		var got []string
+		for _, b := range p.batches[n:] {
+			got = append(got, b...)
+		}
+		sort.Strings(want)
+		if !equal(got, want) {
+			t.Errorf("%s: recomputed %v, want %v", what, got, want)
+		}
+	}
+	p1b := p1.DeepCopy()
+	p1b.Labels["version"] = "v2"
+	step("a pod's label", event{kind: kindPod, old: p1, cur: p1b}, "+Kubernetes//Pod/a/p1")
+	nsb := ns.DeepCopy()
+	nsb.Labels = map[string]string{"istio.io/dataplane-mode": "ambient"}
+	step("a namespace's labels", event{kind: kindNamespace, old: ns, cur: nsb},
+		"+Kubernetes//Pod/a/p1", "+Kubernetes//Pod/a/p2", "+a/web.a.svc.cluster.local")
+	nsc := nsb.DeepCopy()
+	nsc.Finalizers = []string{"x"}
+	step("a namespace change that is not labels", event{kind: kindNamespace, old: nsb, cur: nsc})
+	svcb := svc.DeepCopy()
+	svcb.Spec.Selector = map[string]string{"app": "db"}
+	step("a service's selector moves", event{kind: kindService, old: svc, cur: svcb},
+		"+Kubernetes//Pod/a/p1", "+Kubernetes//Pod/a/p2", "+a/web.a.svc.cluster.local")
+	step("a pod deleted", event{kind: kindPod, old: p2}, "-Kubernetes//Pod/a/p2")
+	ap := &model.AuthorizationPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "pol"}}
+	step("a namespace-wide policy", event{kind: kindAuthz, cur: ap}, "+a/pol")
+
+	// A Gateway change recomputes what is bound to it.
+	svcc := svcb.DeepCopy()
+	svcc.Labels = map[string]string{"istio.io/use-waypoint": "wp"}
+	step("a service names a waypoint", event{kind: kindService, old: svcb, cur: svcc}, "+a/web.a.svc.cluster.local")
+	ht := gatewayv1.HostnameAddressType
+	gw := &gatewayv1.Gateway{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "wp"},
+		Spec:   gatewayv1.GatewaySpec{GatewayClassName: "istio-waypoint"},
+		Status: gatewayv1.GatewayStatus{Addresses: []gatewayv1.GatewayStatusAddress{{Type: &ht, Value: "wp.a.svc.cluster.local"}}}}
+	step("its waypoint appears", event{kind: kindGateway, cur: gw}, "+a/web.a.svc.cluster.local")
+	gw2 := &gatewayv1.Gateway{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "unrelated"}, Spec: gatewayv1.GatewaySpec{GatewayClassName: "istio-waypoint"}}
+	step("an unrelated gateway", event{kind: kindGateway, cur: gw2})
+}
