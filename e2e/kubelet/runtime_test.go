@@ -74,7 +74,7 @@ func cniBinDir(t *testing.T) string {
 func inNodeNetns(t *testing.T) bool {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root (network namespaces, mounts)")
+		t.Fatal("needs root (network namespaces, mounts): run the tests as root, as make test and CI do")
 	}
 	if os.Getenv(inNodeEnv) != "" {
 		if out, err := exec.Command("ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {

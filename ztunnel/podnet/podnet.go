@@ -1,0 +1,219 @@
+// Package podnet opens ztunnel's sockets inside a pod's network namespace:
+// listeners and dialers created on an OS thread that entered the netns,
+// marked with ztunnel's mark (0x539) so the pod's redirect rules let them
+// through, optionally transparent (bound to a non-local source IP); and it
+// reads a redirected connection's original destination (SO_ORIGINAL_DST).
+//
+// It owns nothing but file descriptors: no iptables, no policy.
+package podnet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Mark is the socket mark of every ztunnel socket in a pod; the in-pod rules
+// exempt it from redirection (mask 0xfff).
+const Mark = 0x539
+
+// NS is an open network namespace. Each socket made in it keeps the netns
+// alive until that socket closes.
+type NS struct {
+	f *os.File
+}
+
+// Open opens the netns at path (e.g. /var/run/netns/<name>).
+func Open(path string) (*NS, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open netns %s: %w", path, err)
+	}
+	return FromFile(f)
+}
+
+// FromFile takes ownership of f, which must be a netns descriptor.
+func FromFile(f *os.File) (*NS, error) {
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(int(f.Fd()), &st); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("stat netns fd: %w", err)
+	}
+	if st.Type != unix.NSFS_MAGIC {
+		f.Close()
+		return nil, fmt.Errorf("fd %d is not a namespace (fs type %#x)", f.Fd(), st.Type)
+	}
+	return &NS{f: f}, nil
+}
+
+// Close releases the descriptor (sockets made in the netns stay valid).
+func (n *NS) Close() error { return n.f.Close() }
+
+// Fd returns the netns descriptor (valid until Close).
+func (n *NS) Fd() uintptr { return n.f.Fd() }
+
+// Do runs fn on an OS thread that is in the netns. Only socket creation
+// needs it; a socket stays in the netns it was created in.
+func (n *NS) Do(fn func() error) error {
+	errc := make(chan error, 1)
+	// A fresh goroutine so a thread whose netns could not be restored is
+	// simply discarded (it stays locked when the goroutine exits).
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
+		if err != nil {
+			errc <- fmt.Errorf("open current netns: %w", err)
+			return
+		}
+		defer orig.Close()
+		if err := unix.Setns(int(n.f.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("enter netns: %w", err)
+			return
+		}
+		ferr := fn()
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+			errc <- errors.Join(ferr, fmt.Errorf("return from netns (thread discarded): %w", err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// control marks a socket and, when transparent, lets it bind a non-local
+// address.
+func control(transparent bool) func(network, address string, c syscall.RawConn) error {
+	return func(network, address string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, Mark); serr != nil {
+				serr = fmt.Errorf("set SO_MARK: %w", serr)
+				return
+			}
+			if !transparent {
+				return
+			}
+			if network == "tcp6" || network == "udp6" {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+			} else {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+			}
+			if serr != nil {
+				serr = fmt.Errorf("set IP_TRANSPARENT: %w", serr)
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}
+}
+
+// Listen opens a marked TCP listener on addr in the netns.
+func (n *NS) Listen(ctx context.Context, addr netip.AddrPort) (*net.TCPListener, error) {
+	var ln net.Listener
+	err := n.Do(func() error {
+		var err error
+		lc := net.ListenConfig{Control: control(false)}
+		ln, err = lc.Listen(ctx, "tcp", addr.String())
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listen tcp %s in pod netns: %w", addr, err)
+	}
+	return ln.(*net.TCPListener), nil
+}
+
+// ListenUDP opens a marked UDP socket on addr in the netns.
+func (n *NS) ListenUDP(ctx context.Context, addr netip.AddrPort) (*net.UDPConn, error) {
+	var pc net.PacketConn
+	err := n.Do(func() error {
+		var err error
+		lc := net.ListenConfig{Control: control(false)}
+		pc, err = lc.ListenPacket(ctx, "udp", addr.String())
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listen udp %s in pod netns: %w", addr, err)
+	}
+	return pc.(*net.UDPConn), nil
+}
+
+// DialTCP connects to dst from inside the netns with a marked socket. A
+// valid src binds it; transparent allows src to be a non-local address (the
+// original client's, for inbound source preservation).
+//
+// The dialing goroutine keeps its thread in the netns until the connect
+// completes, so a slow connect occupies one OS thread.
+func (n *NS) DialTCP(ctx context.Context, src netip.Addr, dst netip.AddrPort, transparent bool) (*net.TCPConn, error) {
+	d := net.Dialer{Control: control(transparent)}
+	if src.IsValid() {
+		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
+	}
+	var c net.Conn
+	err := n.Do(func() error {
+		var err error
+		c, err = d.DialContext(ctx, "tcp", dst.String())
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dial %s from pod netns: %w", dst, err)
+	}
+	return c.(*net.TCPConn), nil
+}
+
+// OriginalDst returns the destination a REDIRECTed connection was sent to
+// before NAT (SO_ORIGINAL_DST, IPv4 or IPv6 by the connection's family).
+func OriginalDst(c net.Conn) (netip.AddrPort, error) {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return netip.AddrPort{}, fmt.Errorf("original destination: %T has no raw connection", c)
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("original destination: %w", err)
+	}
+	local, _ := c.LocalAddr().(*net.TCPAddr)
+	v6 := local != nil && local.IP.To4() == nil
+	var out netip.AddrPort
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		if v6 {
+			// IP6T_SO_ORIGINAL_DST (80) fills a sockaddr_in6; IPv6MTUInfo
+			// starts with one and is large enough.
+			var info *unix.IPv6MTUInfo
+			info, serr = unix.GetsockoptIPv6MTUInfo(int(fd), unix.SOL_IPV6, unix.SO_ORIGINAL_DST)
+			if serr == nil {
+				sa := &info.Addr
+				port := (*[2]byte)(unsafe.Pointer(&sa.Port))
+				out = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(port[0])<<8|uint16(port[1]))
+			}
+			return
+		}
+		// SO_ORIGINAL_DST fills a sockaddr_in; IPv6Mreq is 20 bytes and
+		// holds it (family 2, port 2, address 4).
+		var mreq *unix.IPv6Mreq
+		mreq, serr = unix.GetsockoptIPv6Mreq(int(fd), unix.SOL_IP, unix.SO_ORIGINAL_DST)
+		if serr == nil {
+			b := mreq.Multiaddr
+			out = netip.AddrPortFrom(netip.AddrFrom4([4]byte{b[4], b[5], b[6], b[7]}), uint16(b[2])<<8|uint16(b[3]))
+		}
+	})
+	if err == nil {
+		err = serr
+	}
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("getsockopt SO_ORIGINAL_DST: %w", err)
+	}
+	return netip.AddrPortFrom(out.Addr().Unmap(), out.Port()), nil
+}
