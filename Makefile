@@ -53,7 +53,7 @@ test-unit: deps
 
 # The sandbox cluster and its end-to-end tests (root; real kube-apiserver, netns, iptables).
 test-e2e: build deps
-	$(GO) test -race -count=1 -timeout 20m $(E2E_PKGS)
+	$(GO) test -race -count=1 -p 1 -timeout 30m $(E2E_PKGS)
 
 # Fails when the committed generated code differs from what `make proto` makes.
 test-proto:

@@ -1,12 +1,7 @@
-// Command mesh-cni is not written yet; issue #5 brings it.
+// Command mesh-cni is meshlite's chained CNI plugin; the runtime runs it
+// from the node's CNI bin dir (package plugin does the work).
 package main
 
-import (
-	"fmt"
-	"os"
-)
+import "github.com/meshlite/meshlite/cni/plugin"
 
-func main() {
-	fmt.Fprintln(os.Stderr, "mesh-cni: not implemented")
-	os.Exit(2)
-}
+func main() { plugin.Main() }
