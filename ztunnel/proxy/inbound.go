@@ -14,6 +14,7 @@ import (
 	"github.com/meshlite/meshlite/internal/identity"
 	"github.com/meshlite/meshlite/proto/workload"
 	"github.com/meshlite/meshlite/ztunnel/policy"
+	"github.com/meshlite/meshlite/ztunnel/state"
 )
 
 // Reasons for inbound refusals that are not policy decisions.
@@ -36,6 +37,7 @@ func (p *Proxy) inbound(ctx context.Context, r *hbone.Request) (net.Conn, error)
 		return nil, fmt.Errorf("%w: target %s is not this pod", hbone.ErrBadRequest, r.Target)
 	}
 	srcIP := r.RemoteAddr.Addr().Unmap()
+	src := netip.AddrPortFrom(srcIP, r.RemoteAddr.Port())
 	fromWaypoint := false
 	if wp := dstWl.GetWaypoint(); wp != nil {
 		fromWaypoint = p.cfg.State.IsWaypointOf(wp, p.cfg.Network, r.PeerID, srcIP, p.cfg.TrustDomain)
@@ -47,6 +49,7 @@ func (p *Proxy) inbound(ctx context.Context, r *hbone.Request) (net.Conn, error)
 		// Only a waypoint may say who the original client was.
 		if r.Forwarded.IsValid() {
 			srcIP = r.Forwarded.Addr().Unmap()
+			src = netip.AddrPortFrom(srcIP, r.Forwarded.Port())
 		}
 	}
 	if err := p.authorize(srcIP, r.Target, r.PeerID, dstWl); err != nil {
@@ -56,7 +59,30 @@ func (p *Proxy) inbound(ctx context.Context, r *hbone.Request) (net.Conn, error)
 	if err != nil {
 		return nil, errors.Join(hbone.ErrUpstream, err)
 	}
-	return up, nil
+	dstID, _ := state.Identity(dstWl, p.cfg.TrustDomain)
+	t := p.track(connLabels{dir: Inbound, pod: pod.UID, src: src, dst: r.Target,
+		srcWl: p.cfg.State.WorkloadByIP(p.cfg.Network, srcIP), dstWl: dstWl, srcID: r.PeerID, dstID: dstID,
+		mtls: true, transport: r.Transport.String()})
+	// The HBONE server relays and closes it; closing finishes the record.
+	return &countedConn{Conn: up, t: t}, nil
+}
+
+// countRefusals counts the inbound handler's refusals by kind.
+func (p *Proxy) countRefusals(h hbone.Handler) hbone.Handler {
+	return func(ctx context.Context, r *hbone.Request) (net.Conn, error) {
+		c, err := h(ctx, r)
+		if err != nil {
+			reason := refusedUpstream
+			switch {
+			case errors.Is(err, hbone.ErrDenied):
+				reason = refusedPolicy
+			case errors.Is(err, hbone.ErrBadRequest):
+				reason = refusedBad
+			}
+			p.metrics.refuse(Inbound, reason)
+		}
+		return c, err
+	}
 }
 
 // authorize evaluates L4 policy for a connection to dstWl and logs the
@@ -120,39 +146,48 @@ func (p *Proxy) plaintext(ctx context.Context, c net.Conn, uid string, log *slog
 		reset(c)
 		return
 	}
+	refuse := func(reason string) {
+		p.metrics.refuse(InboundPlaintext, reason)
+		reset(c)
+	}
 	pod := p.pod(uid)
 	dstWl := p.cfg.State.Workload(uid)
 	if pod == nil || dstWl == nil {
 		log.Warn("inbound plaintext: pod unknown; refusing", "src", src, "dst", dst)
-		reset(c)
+		refuse(refusedNoPod)
 		return
 	}
 	if w := p.cfg.State.WorkloadByIP(p.cfg.Network, dst.Addr()); w == nil || w.GetUid() != uid {
 		log.Info("inbound plaintext refused", "reason", reasonTargetMismatch, "src", src, "dst", dst)
-		reset(c)
+		refuse(refusedBad)
 		return
 	}
 	if dst.Port() == p.cfg.HBONEPort {
 		// HBONE port reached without TLS on it: nothing to forward to.
-		reset(c)
+		refuse(refusedBad)
 		return
 	}
 	if dstWl.GetWaypoint() != nil {
 		pc := policy.NewConn(src.Addr(), dst, spiffeid.ID{})
 		policy.Log(log, &pc, workloadName(dstWl), policy.Decision{Rule: -1, Reason: reasonWaypointBypass})
-		reset(c)
+		refuse(refusedPolicy)
 		return
 	}
 	if err := p.authorize(src.Addr(), dst, spiffeid.ID{}, dstWl); err != nil {
-		reset(c)
+		refuse(refusedPolicy)
 		return
 	}
 	up, err := p.dialApp(ctx, pod, src.Addr(), dst)
 	if err != nil {
 		log.Info("inbound plaintext: app refused", "src", src, "dst", dst, "error", err)
-		reset(c)
+		refuse(refusedUpstream)
 		return
 	}
-	sent, received, rerr := hbone.Relay(c, up)
-	log.Debug("plaintext connection complete", "src", src, "dst", dst, "sent", sent, "received", received, "error", rerr)
+	dstID, _ := state.Identity(dstWl, p.cfg.TrustDomain)
+	t := p.track(connLabels{dir: InboundPlaintext, pod: uid, src: src, dst: dst,
+		srcWl: p.cfg.State.WorkloadByIP(p.cfg.Network, src.Addr()), dstWl: dstWl, dstID: dstID, transport: "tcp"})
+	_, _, rerr := hbone.Relay(c, &countedConn{Conn: up, t: t})
+	if rerr != nil {
+		log.Debug("plaintext connection aborted", "src", src, "dst", dst, "error", rerr)
+	}
 }

@@ -35,18 +35,21 @@ func (p *Proxy) outbound(ctx context.Context, c net.Conn, uid string, log *slog.
 	dst, err := p.cfg.OriginalDst(c)
 	if err != nil {
 		log.Warn("outbound: no original destination; refusing", "src", src, "error", err)
+		p.metrics.refuse(Outbound, refusedBad)
 		reset(c)
 		return
 	}
 	if local, _ := identity.AddrPort(c.LocalAddr()); local == dst {
 		// Sent to the capture port itself, not redirected: would loop.
 		log.Info("outbound: connection addressed to the capture port; refusing", "src", src)
+		p.metrics.refuse(Outbound, refusedBad)
 		reset(c)
 		return
 	}
 	pod := p.pod(uid)
 	if pod == nil {
 		log.Warn("outbound: pod not served; refusing", "src", src, "dst", dst)
+		p.metrics.refuse(Outbound, refusedNoPod)
 		reset(c)
 		return
 	}
@@ -54,6 +57,7 @@ func (p *Proxy) outbound(ctx context.Context, c net.Conn, uid string, log *slog.
 	up, err := p.cfg.State.Resolve(srcWl, p.cfg.Network, dst)
 	if err != nil {
 		log.Info("outbound: no route; refusing", "src", src, "dst", dst, "error", err)
+		p.metrics.refuse(Outbound, refusedNoRoute)
 		reset(c)
 		return
 	}
@@ -61,19 +65,24 @@ func (p *Proxy) outbound(ctx context.Context, c net.Conn, uid string, log *slog.
 	upstream, peer, tr, err := p.connectUpstream(dctx, pod, src.Addr(), up)
 	cancel()
 	if err != nil {
-		lvl := slog.LevelWarn
+		lvl, reason := slog.LevelWarn, refusedUpstream
 		if errors.Is(err, hbone.ErrDenied) {
-			lvl = slog.LevelInfo
+			lvl, reason = slog.LevelInfo, refusedPolicy
 		}
+		p.metrics.refuse(Outbound, reason)
 		log.Log(ctx, lvl, "outbound: upstream refused", "src", src, "dst", dst, "route", up.Kind.String(), "error", err)
 		reset(c)
 		return
 	}
-	sent, received, rerr := hbone.Relay(c, upstream)
+	srcID, _ := state.Identity(srcWl, p.cfg.TrustDomain)
+	t := p.track(connLabels{dir: Outbound, pod: uid, src: src, dst: dst, srcWl: srcWl, dstWl: up.Workload,
+		srcID: srcID, dstID: peer, svc: up.Service, mtls: up.Kind != state.Passthrough, transport: tr, route: up.Kind.String()})
+	received, sent, rerr := hbone.Relay(&countedConn{Conn: c, t: t, clientSide: true}, upstream)
+	t.finish()
 	attrs := []slog.Attr{
 		slog.String("src", src.String()), slog.String("dst", dst.String()),
 		slog.String("route", up.Kind.String()), slog.String("transport", tr),
-		slog.Int64("sent", sent), slog.Int64("received", received),
+		slog.Int64("bytes_sent", sent), slog.Int64("bytes_received", received), // to, from the app
 		slog.Duration("duration", time.Since(start)),
 	}
 	if !peer.IsZero() {

@@ -3,9 +3,11 @@
 // identity, waypoint and L4 policy checks; inbound plaintext (15006) when
 // policy allows it (PERMISSIVE).
 //
-// It owns per-connection decisions and relaying. Where sockets live (pod
-// network namespaces) is given to it per pod through Net; what the mesh
-// looks like comes from package state; it never opens listeners itself.
+// It owns per-connection decisions and relaying, the table of live
+// connections (Connections) and their metrics (istio_tcp_*, Metrics).
+// Where sockets live (pod network namespaces) is given to it per pod
+// through Net; what the mesh looks like comes from package state; it never
+// opens listeners itself.
 package proxy
 
 import (
@@ -106,16 +108,21 @@ type Config struct {
 	QUICAttemptTimeout time.Duration
 	FallbackTTL        time.Duration
 	Log                *slog.Logger
+	// Metrics receives connection metrics (NewMetrics); nil keeps them
+	// unregistered.
+	Metrics *Metrics
 	// hboneClient overrides the client's config (tests).
 	hboneClient func(*hbone.ClientConfig)
 }
 
 // Proxy carries connections for the local pods.
 type Proxy struct {
-	cfg    Config
-	log    *slog.Logger
-	client *hbone.Client
-	server *hbone.Server
+	cfg     Config
+	log     *slog.Logger
+	client  *hbone.Client
+	server  *hbone.Server
+	metrics *Metrics
+	conns   connTable
 
 	mu   sync.RWMutex
 	pods map[string]*Pod
@@ -154,7 +161,13 @@ func New(cfg Config) (*Proxy, error) {
 	if err != nil {
 		return nil, fmt.Errorf("proxy: trust domain: %w", err)
 	}
-	p := &Proxy{cfg: cfg, log: cfg.Log, pods: map[string]*Pod{}, fallback: map[netip.AddrPort]time.Time{}}
+	if cfg.Metrics == nil {
+		if cfg.Metrics, err = NewMetrics(nil); err != nil {
+			return nil, err
+		}
+	}
+	p := &Proxy{cfg: cfg, log: cfg.Log, pods: map[string]*Pod{}, fallback: map[netip.AddrPort]time.Time{},
+		metrics: cfg.Metrics, conns: connTable{conns: map[uint64]*tracked{}}}
 	ccfg := hbone.ClientConfig{
 		Bundle:           cfg.Bundle,
 		DialTCP:          p.dialFromPod,
@@ -174,7 +187,7 @@ func New(cfg Config) (*Proxy, error) {
 		// Any workload of the mesh's trust domain may connect; who may
 		// reach what is policy's job, after the handshake.
 		Authorize: identity.AuthorizeMemberOf(td),
-		Handler:   p.inbound,
+		Handler:   p.countRefusals(p.inbound),
 		Logger:    cfg.Log,
 	})
 	if err != nil {

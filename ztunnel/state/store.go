@@ -57,9 +57,10 @@ type Store struct {
 	// by name finds it.
 	names map[string]addrRef
 
-	policies   map[string]*policy.Policy   // "<ns>/<name>"
-	nsPolicies map[string][]*policy.Policy // NAMESPACE scope, by namespace, sorted by key
-	global     []*policy.Policy            // GLOBAL scope, sorted by key
+	policies   map[string]*policy.Policy          // "<ns>/<name>"
+	authzs     map[string]*security.Authorization // as received, by the same key
+	nsPolicies map[string][]*policy.Policy        // NAMESPACE scope, by namespace, sorted by key
+	global     []*policy.Policy                   // GLOBAL scope, sorted by key
 
 	version atomic.Uint64
 }
@@ -83,6 +84,7 @@ func New(log *slog.Logger) *Store {
 		endpoints:  map[string][]*workload.Workload{},
 		names:      map[string]addrRef{},
 		policies:   map[string]*policy.Policy{},
+		authzs:     map[string]*security.Authorization{},
 		nsPolicies: map[string][]*policy.Policy{},
 	}
 }
@@ -364,9 +366,11 @@ func (s *Store) ApplyAuthorizations(upserts []*security.Authorization, removed [
 	defer s.mu.Unlock()
 	for _, key := range removed {
 		delete(s.policies, key)
+		delete(s.authzs, key)
 	}
-	for _, p := range compiled {
+	for i, p := range compiled {
 		s.policies[p.Key] = p
+		s.authzs[p.Key] = upserts[i]
 	}
 	// Rebuild the scope indexes; policies are few compared to connections.
 	s.global = s.global[:0]
@@ -477,6 +481,8 @@ type Snapshot struct {
 	Workloads []*workload.Workload
 	Services  []*workload.Service
 	Policies  []*policy.Policy
+	// Authorizations are the policies as received, in Policies' order.
+	Authorizations []*security.Authorization
 }
 
 // Snapshot returns the contents sorted by key.
@@ -496,5 +502,8 @@ func (s *Store) Snapshot() Snapshot {
 	slices.SortFunc(out.Workloads, func(a, b *workload.Workload) int { return strings.Compare(a.GetUid(), b.GetUid()) })
 	slices.SortFunc(out.Services, func(a, b *workload.Service) int { return strings.Compare(ServiceKey(a), ServiceKey(b)) })
 	slices.SortFunc(out.Policies, func(a, b *policy.Policy) int { return strings.Compare(a.Key, b.Key) })
+	for _, p := range out.Policies {
+		out.Authorizations = append(out.Authorizations, s.authzs[p.Key])
+	}
 	return out
 }

@@ -551,3 +551,35 @@ func BenchmarkResolveVIP(b *testing.B) {
 		}
 	}
 }
+
+func TestSnapshot_SortedWithPoliciesAsReceived(t *testing.T) {
+	s := New(nil)
+	mustApply(t, s, wlAddr(wl("default", "b", "10.0.0.2")), wlAddr(wl("default", "a", "10.0.0.1")), svcAddr(svc("default", "web", "10.96.0.1", 80)))
+	deny := &security.Authorization{Name: "deny", Namespace: "default", Scope: security.Scope_NAMESPACE, Action: security.Action_DENY,
+		Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{DestinationPorts: []uint32{9090}}}}}}}}
+	allow := &security.Authorization{Name: "allow", Namespace: "default", Scope: security.Scope_NAMESPACE}
+	if err := s.ApplyAuthorizations([]*security.Authorization{deny, allow}, nil); err != nil {
+		t.Fatal(err)
+	}
+	snap := s.Snapshot()
+	if len(snap.Workloads) != 2 || snap.Workloads[0].GetName() != "a" || len(snap.Services) != 1 {
+		t.Fatalf("snapshot %v", snap)
+	}
+	if len(snap.Policies) != 2 || len(snap.Authorizations) != 2 {
+		t.Fatalf("policies %d, authorizations %d", len(snap.Policies), len(snap.Authorizations))
+	}
+	for i, p := range snap.Policies {
+		if a := snap.Authorizations[i]; a.GetNamespace()+"/"+a.GetName() != p.Key {
+			t.Errorf("authorization %d is %s/%s, policy %s", i, a.GetNamespace(), a.GetName(), p.Key)
+		}
+	}
+	if got := snap.Authorizations[1].GetGroups()[0].GetRules()[0].GetMatches()[0].GetDestinationPorts(); len(got) != 1 || got[0] != 9090 {
+		t.Errorf("deny rule as received: %v", got)
+	}
+	if err := s.ApplyAuthorizations(nil, []string{"default/deny"}); err != nil {
+		t.Fatal(err)
+	}
+	if snap := s.Snapshot(); len(snap.Authorizations) != 1 || snap.Authorizations[0].GetName() != "allow" {
+		t.Errorf("after removal: %v", snap.Authorizations)
+	}
+}

@@ -1,0 +1,361 @@
+// Package app assembles ztunnel from its parts: the mesh roots and the
+// certificate manager (certs), the Workload API state fed by a Delta ADS
+// client of istiod-lite (state, internal/xds), the data path (proxy), the
+// CNI agent's pods (inpod) and the node endpoints (admin). It owns the
+// order in which they start and stop and the glue between them (a pod handed
+// over by ZDS gets a certificate and is served by the proxy); it holds no
+// logic of its own beyond that.
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/meshlite/meshlite/internal/identity"
+	"github.com/meshlite/meshlite/internal/xds"
+	"github.com/meshlite/meshlite/ztunnel/admin"
+	"github.com/meshlite/meshlite/ztunnel/certs"
+	"github.com/meshlite/meshlite/ztunnel/inpod"
+	"github.com/meshlite/meshlite/ztunnel/proxy"
+	"github.com/meshlite/meshlite/ztunnel/state"
+)
+
+// Config is everything ztunnel is told at start.
+type Config struct {
+	// XDSAddress and CAAddress are istiod-lite's gRPC endpoints
+	// ("host:port"; an IP works where there is no DNS). XDSServerName and
+	// CAServerName are the names its certificate must hold (default: the
+	// host of the address).
+	XDSAddress, XDSServerName string
+	CAAddress, CAServerName   string
+	// RootCert is the mesh root PEM file; TokenPath ztunnel's projected
+	// service-account token (audience istio-ca).
+	RootCert, TokenPath string
+	// ZDSSocket is the CNI agent's socket.
+	ZDSSocket string
+	Tunnel    proxy.Tunnel
+	// NodeName is the node ztunnel serves.
+	NodeName string
+	// ClusterID, TrustDomain and DomainSuffix are the mesh's (Kubernetes,
+	// cluster.local, cluster.local).
+	ClusterID, TrustDomain, DomainSuffix string
+	// Network is this node's network ("" = default).
+	Network string
+	// PodName, PodNamespace, PodIP and ServiceAccount are ztunnel's own,
+	// sent to istiod-lite in the xDS node.
+	PodName, PodNamespace, PodIP, ServiceAccount string
+	// AdminAddr, MetricsAddr and ReadyAddr are the node endpoints ("" = off).
+	AdminAddr, MetricsAddr, ReadyAddr string
+	// CertTTL is the workload certificate lifetime asked for (0: the CA's).
+	CertTTL time.Duration
+	// CertWait bounds how long a new pod's handover waits for its first
+	// certificate (2 s; the CNI agent waits 5 s for the answer).
+	CertWait time.Duration
+	LogLevel *slog.LevelVar
+	Log      *slog.Logger
+}
+
+// NodeID is the xDS node id: ztunnel~<ip>~<pod>.<ns>~<ns>.svc.<domain>.
+func (c *Config) NodeID() string {
+	return fmt.Sprintf("ztunnel~%s~%s.%s~%s.svc.%s", c.PodIP, c.PodName, c.PodNamespace, c.PodNamespace, c.DomainSuffix)
+}
+
+func (c *Config) check() error {
+	var missing []string
+	for name, v := range map[string]string{
+		"xds address": c.XDSAddress, "root cert": c.RootCert, "token path": c.TokenPath,
+		"ZDS socket": c.ZDSSocket, "cluster id": c.ClusterID, "trust domain": c.TrustDomain,
+		"domain suffix": c.DomainSuffix, "pod name": c.PodName, "pod namespace": c.PodNamespace,
+		"pod IP": c.PodIP, "service account": c.ServiceAccount,
+	} {
+		if v == "" {
+			missing = append(missing, name)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("ztunnel config: missing %v", missing)
+	}
+	return nil
+}
+
+// App is a configured ztunnel.
+type App struct {
+	cfg      Config
+	log      *slog.Logger
+	registry *prometheus.Registry
+	roots    *certs.Roots
+	ca       *certs.CAClient
+	certs    *certs.Manager
+	store    *state.Store
+	xds      *xds.Client
+	proxy    *proxy.Proxy
+	inpod    *inpod.Client
+	admin    *admin.Server
+}
+
+// New builds every part; nothing runs until Run. Listeners of the admin
+// endpoints are opened here so a busy port fails the start.
+func New(cfg Config) (*App, error) {
+	if err := cfg.check(); err != nil {
+		return nil, err
+	}
+	if cfg.CAAddress == "" {
+		cfg.CAAddress = cfg.XDSAddress
+	}
+	if cfg.XDSServerName == "" {
+		cfg.XDSServerName = certs.ServerName(cfg.XDSAddress)
+	}
+	if cfg.CAServerName == "" {
+		cfg.CAServerName = certs.ServerName(cfg.CAAddress)
+	}
+	if cfg.CertWait <= 0 {
+		cfg.CertWait = 2 * time.Second
+	}
+	if cfg.LogLevel == nil {
+		cfg.LogLevel = new(slog.LevelVar)
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	td, err := spiffeid.TrustDomainFromString(cfg.TrustDomain)
+	if err != nil {
+		return nil, fmt.Errorf("ztunnel config: trust domain: %w", err)
+	}
+	a := &App{cfg: cfg, log: cfg.Log, registry: prometheus.NewRegistry()}
+	a.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	part := func(name string) *slog.Logger { return cfg.Log.With("part", name) }
+	ok := false
+	defer func() {
+		if !ok {
+			a.closeParts()
+		}
+	}()
+
+	if a.roots, err = certs.LoadRoots(cfg.RootCert, td, part("roots")); err != nil {
+		return nil, err
+	}
+	token := certs.TokenFile(cfg.TokenPath)
+	if a.ca, err = certs.NewCAClient(certs.CAConfig{Address: cfg.CAAddress, TLS: certs.ControlPlaneTLS(a.roots, cfg.CAServerName),
+		Token: token, ClusterID: cfg.ClusterID}); err != nil {
+		return nil, err
+	}
+	if a.certs, err = certs.New(certs.Config{Signer: a.ca, Bundle: a.roots.Bundle(), TTL: cfg.CertTTL,
+		Log: part("certs"), Registerer: a.registry}); err != nil {
+		return nil, err
+	}
+	a.store = state.New(part("state"))
+	meta, err := structpb.NewStruct(map[string]any{
+		xds.MetadataNamespace: cfg.PodNamespace, xds.MetadataServiceAccount: cfg.ServiceAccount,
+		xds.MetadataName: cfg.PodName, xds.MetadataClusterID: cfg.ClusterID, "NODE_NAME": cfg.NodeName,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("xDS node metadata: %w", err)
+	}
+	if a.xds, err = xds.NewClient(xds.ClientConfig{
+		Target: cfg.XDSAddress, TLS: certs.ControlPlaneTLS(a.roots, cfg.XDSServerName), Token: token,
+		Node:          &corev3.Node{Id: cfg.NodeID(), Cluster: cfg.ClusterID, Metadata: meta},
+		Subscriptions: []xds.Subscription{{TypeURL: xds.TypeAddress}, {TypeURL: xds.TypeAuthorization}},
+		Handler:       a.store, Log: part("xds"),
+	}); err != nil {
+		return nil, err
+	}
+	metrics, err := proxy.NewMetrics(a.registry)
+	if err != nil {
+		return nil, err
+	}
+	if a.proxy, err = proxy.New(proxy.Config{State: a.store, Bundle: a.roots.Bundle(), TrustDomain: cfg.TrustDomain,
+		Network: cfg.Network, Tunnel: cfg.Tunnel, Metrics: metrics, Log: part("proxy")}); err != nil {
+		return nil, err
+	}
+	if a.inpod, err = inpod.New(inpod.Config{Socket: cfg.ZDSSocket, Server: podServer{a}, Log: part("inpod")}); err != nil {
+		return nil, err
+	}
+	a.registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "meshlite_ztunnel_pods", Help: "Pods whose traffic this ztunnel holds."},
+			func() float64 { return float64(len(a.inpod.Pods())) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "meshlite_ztunnel_xds_synced", Help: "1 once the first xDS state arrived."},
+			func() float64 {
+				if a.xdsSynced() {
+					return 1
+				}
+				return 0
+			}),
+	)
+	if a.admin, err = admin.New(admin.Config{
+		AdminAddr: cfg.AdminAddr, MetricsAddr: cfg.MetricsAddr, ReadyAddr: cfg.ReadyAddr,
+		Snapshot: a.store.Snapshot, LocalPods: a.inpod.Pods, Certificates: a.certs.Statuses,
+		Connections: a.proxy.Connections, Ready: a.Ready, Gatherer: a.registry, LogLevel: cfg.LogLevel, Log: part("admin"),
+	}); err != nil {
+		return nil, err
+	}
+	ok = true
+	return a, nil
+}
+
+// closeParts releases what New built when it fails half way.
+func (a *App) closeParts() {
+	if a.proxy != nil {
+		a.proxy.Close()
+	}
+	if a.ca != nil {
+		a.ca.Close()
+	}
+}
+
+// Addr is where an admin listener ("admin", "metrics", "ready") is.
+func (a *App) Addr(name string) net.Addr { return a.admin.Addr(name) }
+
+func (a *App) xdsSynced() bool {
+	select {
+	case <-a.xds.Synced():
+		return true
+	default:
+		return false
+	}
+}
+
+// Ready is nil once the first xDS state arrived and every pod held has
+// its certificate.
+func (a *App) Ready() error {
+	if !a.xdsSynced() {
+		return errors.New("waiting for the first xDS state from " + a.cfg.XDSAddress)
+	}
+	return a.certs.Ready()
+}
+
+// Run starts the parts in order and, when ctx ends or one fails, stops them
+// in reverse order, each after the one started after it has returned: the
+// node endpoints first, then the pods' sockets (no new connections), the
+// proxy's pooled tunnels, the xDS stream, certificate renewals and the
+// root reload.
+func (a *App) Run(ctx context.Context) error {
+	parts := []struct {
+		name string
+		run  func(context.Context) error
+	}{
+		{"roots", func(ctx context.Context) error { return a.roots.Run(ctx, 0) }},
+		{"certs", a.certs.Run},
+		{"xds", a.xds.Run},
+		{"proxy", func(ctx context.Context) error { <-ctx.Done(); return a.proxy.Close() }},
+		{"inpod", a.inpod.Run},
+		{"admin", a.admin.Run},
+	}
+	defer a.ca.Close()
+	failed := make(chan error, len(parts))
+	type running struct {
+		name   string
+		cancel context.CancelFunc
+		done   chan struct{}
+	}
+	var started []running
+	for _, p := range parts {
+		pctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		r := running{name: p.name, cancel: cancel, done: make(chan struct{})}
+		go func() {
+			defer close(r.done)
+			err := p.run(pctx)
+			if pctx.Err() == nil {
+				// Returned on its own: a failure even without an error.
+				if err == nil {
+					err = errors.New("stopped unexpectedly")
+				}
+				failed <- fmt.Errorf("%s: %w", p.name, err)
+			} else if err != nil {
+				a.log.Warn("part stopped with an error", "part", p.name, "error", err)
+			}
+		}()
+		started = append(started, r)
+	}
+	a.log.Info("ztunnel running", "node", a.cfg.NodeName, "xds", a.cfg.XDSAddress, "ca", a.cfg.CAAddress,
+		"tunnel", a.cfg.Tunnel.String(), "zds", a.cfg.ZDSSocket)
+	var err error
+	select {
+	case <-ctx.Done():
+		a.log.Info("ztunnel stopping")
+	case err = <-failed:
+		a.log.Error("ztunnel stopping: a part failed", "error", err)
+	}
+	for i := len(started) - 1; i >= 0; i-- {
+		started[i].cancel()
+		<-started[i].done
+	}
+	return err
+}
+
+// podServer serves the pods inpod hands over.
+type podServer struct{ a *App }
+
+// identity is a pod's SPIFFE ID: namespace and service account from ZDS,
+// trust domain from its Workload when istiod-lite names one.
+func (s podServer) identity(p inpod.Pod) (spiffeid.ID, error) {
+	td := s.a.cfg.TrustDomain
+	if w := s.a.store.Workload(p.UID); w.GetTrustDomain() != "" {
+		td = w.GetTrustDomain()
+	}
+	sa := p.Info.GetServiceAccount()
+	if sa == "" {
+		sa = "default"
+	}
+	id, err := identity.NewID(td, p.Info.GetNamespace(), sa)
+	if err != nil {
+		return spiffeid.ID{}, fmt.Errorf("identity of pod %s (%s/%s): %w", p.UID, p.Info.GetNamespace(), p.Info.GetName(), err)
+	}
+	return id, nil
+}
+
+// Prepare gets the pod's certificate before the handover is acknowledged,
+// for at most CertWait: a pod whose certificate is late is still taken (its
+// mTLS fails closed until the certificate arrives; readiness says so).
+func (s podServer) Prepare(ctx context.Context, p inpod.Pod) error {
+	id, err := s.identity(p)
+	if err != nil {
+		return err
+	}
+	wctx, cancel := context.WithTimeout(ctx, s.a.cfg.CertWait)
+	defer cancel()
+	if _, err := s.a.certs.Fetch(wctx, id); err != nil {
+		s.a.log.Warn("pod taken without a certificate yet; retrying in the background", "uid", p.UID, "identity", id.String(), "error", err)
+	}
+	return nil
+}
+
+// Serve serves the pod's sockets until ctx ends.
+func (s podServer) Serve(ctx context.Context, p inpod.Pod, socks *inpod.Sockets) {
+	id, err := s.identity(p)
+	if err != nil {
+		s.a.log.Error("pod not served", "uid", p.UID, "error", err)
+		return
+	}
+	a := s.a
+	src := a.certs.AddPod(p.UID, id)
+	a.proxy.AddPod(&proxy.Pod{UID: p.UID, SVID: src, Net: socks.NS})
+	defer a.certs.RemovePod(p.UID)
+	defer a.proxy.RemovePod(p.UID)
+	var wg sync.WaitGroup
+	serve := func(what string, f func() error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := f(); err != nil && ctx.Err() == nil {
+				a.log.Error("pod listener failed", "uid", p.UID, "listener", what, "error", err)
+			}
+		}()
+	}
+	serve("outbound", func() error { return a.proxy.ServeOutbound(ctx, socks.Outbound, p.UID) })
+	serve("plaintext", func() error { return a.proxy.ServePlaintext(ctx, socks.Plaintext, p.UID) })
+	serve("hbone", func() error { return a.proxy.ServeHBONE(ctx, socks.HBONE) })
+	serve("hbone-quic", func() error { return a.proxy.ServeHBONEQUIC(ctx, socks.HBONEUDP) })
+	// 15053 (DNS) stays open but unserved until ztunnel has a DNS proxy.
+	wg.Wait()
+}
