@@ -64,7 +64,7 @@ test-fuzz:
 	FUZZTIME=$(FUZZTIME) hack/fuzz.sh
 
 # HBONE interop against Istio's own implementation (nested module).
-test-interop:
+test-interop: deps
 	cd e2e/interop && $(GO) test -race -count=1 ./...
 
 proto:
@@ -76,7 +76,7 @@ lint:
 	$(TOOLS)/staticcheck ./...
 	cd e2e/interop && $(GO) vet ./... && $(TOOLS)/staticcheck ./...
 
-bench: build
+bench: build deps
 	$(GO) run ./bench/cmd/bench $(if $(SCENARIO),-scenario $(SCENARIO),) -out bench
 
 demo: build deps

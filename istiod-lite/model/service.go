@@ -45,7 +45,8 @@ func (b *Builder) Service(svc *corev1.Service) (ServiceInfo, error) {
 	ports := make([]*workload.Port, 0, len(svc.Spec.Ports))
 	for _, p := range svc.Spec.Ports {
 		// A named target port is resolved per pod (Workload.services); here it is 0.
-		ports = append(ports, &workload.Port{ServicePort: uint32(p.Port), TargetPort: uint32(p.TargetPort.IntVal)})
+		ports = append(ports, &workload.Port{ServicePort: uint32(p.Port), TargetPort: uint32(p.TargetPort.IntVal),
+			AppProtocol: appProtocol(p)})
 	}
 	s := &workload.Service{
 		Name:       svc.Name,
@@ -169,4 +170,56 @@ func ingressUseWaypoint(svcLabels, nsLabels map[string]string) bool {
 	}
 	b, err := strconv.ParseBool(v)
 	return err == nil && b
+}
+
+// wellKnownTCPPorts are taken as TCP when the port's name says nothing
+// (SMTP, DNS, MySQL, MongoDB), as Istio does.
+var wellKnownTCPPorts = map[int32]bool{25: true, 53: true, 3306: true, 27017: true}
+
+// appProtocol is the application protocol of a Service port as istiod
+// reads it: appProtocol if set (with Kubernetes' standard kubernetes.io/h2c,
+// ws and wss names), else the port name's prefix before '-'; UDP ports and
+// protocols ztunnel has no value for (grpc-web, mongo, redis, ...) are
+// UNKNOWN.
+func appProtocol(p corev1.ServicePort) workload.AppProtocol {
+	if p.Protocol == corev1.ProtocolUDP {
+		return workload.AppProtocol_UNKNOWN
+	}
+	name := p.Name
+	if p.AppProtocol != nil {
+		name = *p.AppProtocol
+		switch name {
+		case "kubernetes.io/h2c":
+			return workload.AppProtocol_HTTP2
+		case "kubernetes.io/ws":
+			return workload.AppProtocol_HTTP11
+		case "kubernetes.io/wss":
+			return workload.AppProtocol_TLS
+		}
+	}
+	if len(name) >= len("grpc-web") && strings.EqualFold(name[:len("grpc-web")], "grpc-web") {
+		return workload.AppProtocol_UNKNOWN
+	}
+	if i := strings.IndexByte(name, '-'); i >= 0 {
+		name = name[:i]
+	}
+	switch strings.ToLower(name) {
+	case "http":
+		return workload.AppProtocol_HTTP11
+	case "http2":
+		return workload.AppProtocol_HTTP2
+	case "grpc":
+		return workload.AppProtocol_GRPC
+	case "https", "tls":
+		return workload.AppProtocol_TLS
+	case "tcp":
+		return workload.AppProtocol_TCP
+	case "udp", "grpc-web", "http_proxy", "mongo", "redis", "mysql":
+		// Known to Istio, but with no Workload API value.
+		return workload.AppProtocol_UNKNOWN
+	}
+	if wellKnownTCPPorts[p.Port] {
+		return workload.AppProtocol_TCP
+	}
+	return workload.AppProtocol_UNKNOWN
 }

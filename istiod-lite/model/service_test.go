@@ -86,6 +86,46 @@ func TestService_Translation(t *testing.T) {
 	}
 }
 
+func TestService_PortAppProtocolAsIstioReadsIt(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		port corev1.ServicePort
+		want workload.AppProtocol
+	}{
+		{"http name", corev1.ServicePort{Name: "http", Port: 80}, workload.AppProtocol_HTTP11},
+		{"http- prefix", corev1.ServicePort{Name: "http-web", Port: 8080}, workload.AppProtocol_HTTP11},
+		{"case-insensitive", corev1.ServicePort{Name: "GRPC-api", Port: 9000}, workload.AppProtocol_GRPC},
+		{"http2", corev1.ServicePort{Name: "http2", Port: 81}, workload.AppProtocol_HTTP2},
+		{"https is TLS", corev1.ServicePort{Name: "https", Port: 443}, workload.AppProtocol_TLS},
+		{"tls", corev1.ServicePort{Name: "tls-db", Port: 5433}, workload.AppProtocol_TLS},
+		{"tcp", corev1.ServicePort{Name: "tcp", Port: 9090}, workload.AppProtocol_TCP},
+		{"grpc-web has no value", corev1.ServicePort{Name: "grpc-web", Port: 8081}, workload.AppProtocol_UNKNOWN},
+		{"unnamed", corev1.ServicePort{Port: 8080}, workload.AppProtocol_UNKNOWN},
+		{"unknown name", corev1.ServicePort{Name: "pg", Port: 5432}, workload.AppProtocol_UNKNOWN},
+		{"well-known port, unknown name", corev1.ServicePort{Name: "db", Port: 3306}, workload.AppProtocol_TCP},
+		{"well-known port, known name without value", corev1.ServicePort{Name: "mysql", Port: 3306}, workload.AppProtocol_UNKNOWN},
+		{"appProtocol wins over the name", corev1.ServicePort{Name: "http", Port: 80, AppProtocol: ptr.To("grpc")}, workload.AppProtocol_GRPC},
+		{"kubernetes.io/h2c", corev1.ServicePort{Name: "web", Port: 80, AppProtocol: ptr.To("kubernetes.io/h2c")}, workload.AppProtocol_HTTP2},
+		{"kubernetes.io/ws", corev1.ServicePort{Port: 80, AppProtocol: ptr.To("kubernetes.io/ws")}, workload.AppProtocol_HTTP11},
+		{"kubernetes.io/wss", corev1.ServicePort{Port: 443, AppProtocol: ptr.To("kubernetes.io/wss")}, workload.AppProtocol_TLS},
+		{"UDP never has one", corev1.ServicePort{Name: "http", Port: 53, Protocol: corev1.ProtocolUDP}, workload.AppProtocol_UNKNOWN},
+	} {
+		if got := appProtocol(tc.port); got != tc.want {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
+	}
+	// And it reaches the Service's ports.
+	svc := service("shop", "cart", "10.96.0.10", nil,
+		corev1.ServicePort{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080)}, port(9090, intstr.FromInt32(9090)))
+	got, err := world(t, Config{}, ns("shop", nil), svc).Service(svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := got.Service.GetPorts(); len(p) != 2 || p[0].GetAppProtocol() != workload.AppProtocol_HTTP11 || p[1].GetAppProtocol() != workload.AppProtocol_UNKNOWN {
+		t.Errorf("service ports %v, want HTTP11 for port http and nothing for p9090", p)
+	}
+}
+
 func TestService_WaypointExclusionsAndErrors(t *testing.T) {
 	wpNS := ns("shop", map[string]string{"istio.io/use-waypoint": "waypoint"})
 	gw := waypointGW("shop", "waypoint", "", "waypoint.shop.svc.cluster.local")

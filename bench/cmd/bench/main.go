@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/meshlite/meshlite/bench/controlplane"
 	"github.com/meshlite/meshlite/bench/loopback"
 	"github.com/meshlite/meshlite/bench/report"
 )
@@ -23,14 +24,21 @@ func main() {
 	duration := flag.Duration("duration", 5*time.Second, "length of one measurement")
 	rounds := flag.Int("rounds", 3, "measurements per row (interleaved); the median is reported")
 	profileDir := flag.String("profile-dir", "", "write a CPU profile of each row's last round here")
+	cp := controlplane.DefaultOptions()
+	flag.IntVar(&cp.Pods, "cp-pods", cp.Pods, "control-plane: pods in the cluster")
+	flag.IntVar(&cp.Services, "cp-services", cp.Services, "control-plane: services in the cluster")
+	flag.IntVar(&cp.Clients, "cp-clients", cp.Clients, "control-plane: simulated ztunnels")
+	flag.IntVar(&cp.Changes, "cp-changes", cp.Changes, "control-plane: timed pod changes")
 	flag.Parse()
 
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	cp.Log, cp.ProfileDir = log, *profileDir
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
 	scenarios := []report.Scenario{
 		loopback.Scenario(loopback.Options{Duration: *duration, Rounds: *rounds, Log: log, ProfileDir: *profileDir}),
+		controlplane.Scenario(cp),
 	}
 	var results []report.Result
 	for _, s := range scenarios {
