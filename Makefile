@@ -52,7 +52,9 @@ test-unit: deps
 	$(GO) test -count=1 -run 'TestTunnel_LargeTransferSHA256' -v ./internal/hbone | grep -E '^(=== RUN|--- |ok|FAIL|PASS)|MiB'
 
 # The sandbox cluster and its end-to-end tests (root; real kube-apiserver, netns, iptables).
+# They start from a clean sandbox: a running one (say, from `make demo`) is removed first.
 test-e2e: build deps
+	$(BIN)/sandbox down
 	$(GO) test -race -count=1 -p 1 -timeout 30m $(E2E_PKGS)
 
 # Fails when the committed generated code differs from what `make proto` makes.

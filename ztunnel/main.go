@@ -26,7 +26,7 @@ func main() {
 	flag.StringVar(&cfg.XDSAddress, "xds-address", "istiod.istio-system.svc:15012", "istiod-lite xDS address, host:port (an IP works without DNS)")
 	flag.StringVar(&cfg.XDSServerName, "xds-server-name", "", "name istiod-lite's certificate must hold (default: the host of --xds-address)")
 	flag.StringVar(&cfg.CAAddress, "ca-address", "", "istiod-lite CA address (default: --xds-address)")
-	flag.StringVar(&cfg.CAServerName, "ca-server-name", "", "name the CA's certificate must hold (default: the host of --ca-address)")
+	flag.StringVar(&cfg.CAServerName, "ca-server-name", "", "name the CA's certificate must hold (default: --xds-server-name when --ca-address is unset, else the host of --ca-address)")
 	flag.StringVar(&cfg.RootCert, "root-cert", certs.DefaultRootCertPath, "mesh root certificate (istio-ca-root-cert ConfigMap, key root-cert.pem)")
 	flag.StringVar(&cfg.TokenPath, "token-path", certs.DefaultTokenPath, "projected service-account token with audience "+kube.TokenAudience)
 	flag.StringVar(&cfg.ZDSSocket, "zds-socket", inpod.DefaultSocket, "the CNI agent's ZDS socket")

@@ -36,7 +36,8 @@ type Config struct {
 	// XDSAddress and CAAddress are istiod-lite's gRPC endpoints
 	// ("host:port"; an IP works where there is no DNS). XDSServerName and
 	// CAServerName are the names its certificate must hold (default: the
-	// host of the address).
+	// host of the address; the CA's is XDSServerName when CAAddress is
+	// unset, since it is then the same server).
 	XDSAddress, XDSServerName string
 	CAAddress, CAServerName   string
 	// RootCert is the mesh root PEM file; TokenPath ztunnel's projected
@@ -89,6 +90,34 @@ func (c *Config) check() error {
 	return nil
 }
 
+// defaults fills what was left unset. The CA is istiod-lite's xDS endpoint
+// unless told otherwise, and then it is the same server with the same
+// certificate: it inherits the xDS server name too, or dialling istiod by
+// IP (no cluster DNS) would check the CA's certificate for that IP.
+func (c *Config) defaults() {
+	if c.XDSServerName == "" {
+		c.XDSServerName = certs.ServerName(c.XDSAddress)
+	}
+	if c.CAAddress == "" {
+		c.CAAddress = c.XDSAddress
+		if c.CAServerName == "" {
+			c.CAServerName = c.XDSServerName
+		}
+	}
+	if c.CAServerName == "" {
+		c.CAServerName = certs.ServerName(c.CAAddress)
+	}
+	if c.CertWait <= 0 {
+		c.CertWait = 2 * time.Second
+	}
+	if c.LogLevel == nil {
+		c.LogLevel = new(slog.LevelVar)
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
+	}
+}
+
 // App is a configured ztunnel.
 type App struct {
 	cfg      Config
@@ -102,6 +131,11 @@ type App struct {
 	proxy    *proxy.Proxy
 	inpod    *inpod.Client
 	admin    *admin.Server
+
+	// served maps the Workload API uid of each pod being served to the
+	// Kubernetes uid of the pod instance serving it.
+	servedMu sync.Mutex
+	served   map[string]string
 }
 
 // New builds every part; nothing runs until Run. Listeners of the admin
@@ -110,29 +144,12 @@ func New(cfg Config) (*App, error) {
 	if err := cfg.check(); err != nil {
 		return nil, err
 	}
-	if cfg.CAAddress == "" {
-		cfg.CAAddress = cfg.XDSAddress
-	}
-	if cfg.XDSServerName == "" {
-		cfg.XDSServerName = certs.ServerName(cfg.XDSAddress)
-	}
-	if cfg.CAServerName == "" {
-		cfg.CAServerName = certs.ServerName(cfg.CAAddress)
-	}
-	if cfg.CertWait <= 0 {
-		cfg.CertWait = 2 * time.Second
-	}
-	if cfg.LogLevel == nil {
-		cfg.LogLevel = new(slog.LevelVar)
-	}
-	if cfg.Log == nil {
-		cfg.Log = slog.New(slog.DiscardHandler)
-	}
+	cfg.defaults()
 	td, err := spiffeid.TrustDomainFromString(cfg.TrustDomain)
 	if err != nil {
 		return nil, fmt.Errorf("ztunnel config: trust domain: %w", err)
 	}
-	a := &App{cfg: cfg, log: cfg.Log, registry: prometheus.NewRegistry()}
+	a := &App{cfg: cfg, log: cfg.Log, registry: prometheus.NewRegistry(), served: map[string]string{}}
 	a.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	part := func(name string) *slog.Logger { return cfg.Log.With("part", name) }
 	ok := false
@@ -194,7 +211,7 @@ func New(cfg Config) (*App, error) {
 	)
 	if a.admin, err = admin.New(admin.Config{
 		AdminAddr: cfg.AdminAddr, MetricsAddr: cfg.MetricsAddr, ReadyAddr: cfg.ReadyAddr,
-		Snapshot: a.store.Snapshot, LocalPods: a.inpod.Pods, Certificates: a.certs.Statuses,
+		Snapshot: a.store.Snapshot, LocalPods: a.localPods, Certificates: a.certs.Statuses,
 		Connections: a.proxy.Connections, Ready: a.Ready, Gatherer: a.registry, LogLevel: cfg.LogLevel, Log: part("admin"),
 	}); err != nil {
 		return nil, err
@@ -293,14 +310,55 @@ func (a *App) Run(ctx context.Context) error {
 	return err
 }
 
+// localPods lists the Workload API uids of the pods this ztunnel serves.
+func (a *App) localPods() []string {
+	a.servedMu.Lock()
+	defer a.servedMu.Unlock()
+	out := make([]string, 0, len(a.served))
+	for uid := range a.served {
+		out = append(out, uid)
+	}
+	return out
+}
+
+// hold makes pod, the instance with Kubernetes uid podUID, the one the
+// proxy serves for its Workload uid.
+func (a *App) hold(pod *proxy.Pod, podUID string) {
+	a.servedMu.Lock()
+	defer a.servedMu.Unlock()
+	a.served[pod.UID] = podUID
+	a.proxy.AddPod(pod)
+}
+
+// release stops serving pod's Workload uid, unless a newer instance of the
+// same pod name (a StatefulSet pod recreated) was handed over before this
+// one was deleted and holds it now.
+func (a *App) release(pod *proxy.Pod, podUID string) {
+	a.servedMu.Lock()
+	defer a.servedMu.Unlock()
+	if a.served[pod.UID] != podUID {
+		return
+	}
+	delete(a.served, pod.UID)
+	a.proxy.RemovePod(pod.UID)
+}
+
 // podServer serves the pods inpod hands over.
 type podServer struct{ a *App }
+
+// workloadUID is the Workload API uid of a pod ZDS hands over. ZDS names a
+// pod by its Kubernetes uid, the Workload API by
+// "<cluster>//Pod/<namespace>/<name>" (istiod's key), and the proxy and the
+// admin dump find local pods through the Workload API.
+func (s podServer) workloadUID(p inpod.Pod) string {
+	return s.a.cfg.ClusterID + "//Pod/" + p.Info.GetNamespace() + "/" + p.Info.GetName()
+}
 
 // identity is a pod's SPIFFE ID: namespace and service account from ZDS,
 // trust domain from its Workload when istiod-lite names one.
 func (s podServer) identity(p inpod.Pod) (spiffeid.ID, error) {
 	td := s.a.cfg.TrustDomain
-	if w := s.a.store.Workload(p.UID); w.GetTrustDomain() != "" {
+	if w := s.a.store.Workload(s.workloadUID(p)); w.GetTrustDomain() != "" {
 		td = w.GetTrustDomain()
 	}
 	sa := p.Info.GetServiceAccount()
@@ -338,22 +396,25 @@ func (s podServer) Serve(ctx context.Context, p inpod.Pod, socks *inpod.Sockets)
 		return
 	}
 	a := s.a
-	src := a.certs.AddPod(p.UID, id)
-	a.proxy.AddPod(&proxy.Pod{UID: p.UID, SVID: src, Net: socks.NS})
+	uid := s.workloadUID(p)
+	// Certificates are tracked per pod instance, the proxy's pods by
+	// Workload uid (see hold).
+	pod := &proxy.Pod{UID: uid, SVID: a.certs.AddPod(p.UID, id), Net: socks.NS}
+	a.hold(pod, p.UID)
 	defer a.certs.RemovePod(p.UID)
-	defer a.proxy.RemovePod(p.UID)
+	defer a.release(pod, p.UID)
 	var wg sync.WaitGroup
 	serve := func(what string, f func() error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			if err := f(); err != nil && ctx.Err() == nil {
-				a.log.Error("pod listener failed", "uid", p.UID, "listener", what, "error", err)
+				a.log.Error("pod listener failed", "uid", p.UID, "workload", uid, "listener", what, "error", err)
 			}
 		}()
 	}
-	serve("outbound", func() error { return a.proxy.ServeOutbound(ctx, socks.Outbound, p.UID) })
-	serve("plaintext", func() error { return a.proxy.ServePlaintext(ctx, socks.Plaintext, p.UID) })
+	serve("outbound", func() error { return a.proxy.ServeOutbound(ctx, socks.Outbound, uid) })
+	serve("plaintext", func() error { return a.proxy.ServePlaintext(ctx, socks.Plaintext, uid) })
 	serve("hbone", func() error { return a.proxy.ServeHBONE(ctx, socks.HBONE) })
 	serve("hbone-quic", func() error { return a.proxy.ServeHBONEQUIC(ctx, socks.HBONEUDP) })
 	// 15053 (DNS) stays open but unserved until ztunnel has a DNS proxy.

@@ -237,6 +237,21 @@ func pods(t *testing.T) (cli, srv *os.File) {
 	return open(cn), open(sn)
 }
 
+// emptyNetns is a new network namespace with only loopback up.
+func emptyNetns(t *testing.T) *os.File {
+	t.Helper()
+	n := fmt.Sprintf("zt-app-%d-e", os.Getpid()%100000)
+	run(t, "ip", "netns", "add", n)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", n).Run() })
+	run(t, "ip", "netns", "exec", n, "ip", "link", "set", "lo", "up")
+	f, err := os.Open("/var/run/netns/" + n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
 // inNS runs fn on a thread in the netns f.
 func inNS(t *testing.T, f *os.File, fn func() error) {
 	t.Helper()
@@ -362,10 +377,14 @@ func (l *logBuf) String() string              { l.mu.Lock(); defer l.mu.Unlock()
 func TestApp_PodToPodThroughTheWholeZtunnel(t *testing.T) {
 	cliNS, srvNS := pods(t)
 	const (
-		cliUID = "Kubernetes//Pod/default/sleep-1"
-		srvUID = "Kubernetes//Pod/default/httpbin-1"
-		cliID  = "spiffe://cluster.local/ns/default/sa/sleep"
-		srvID  = "spiffe://cluster.local/ns/default/sa/httpbin"
+		// Workload API uids (istiod's keys); ZDS names the same pods by
+		// their Kubernetes uids, as the CNI agent does.
+		cliUID    = "Kubernetes//Pod/default/sleep-1"
+		srvUID    = "Kubernetes//Pod/default/httpbin-1"
+		cliPodUID = "4f0c2d7e-1b6a-4c1e-9d3e-0a1b2c3d4e01"
+		srvPodUID = "4f0c2d7e-1b6a-4c1e-9d3e-0a1b2c3d4e02"
+		cliID     = "spiffe://cluster.local/ns/default/sa/sleep"
+		srvID     = "spiffe://cluster.local/ns/default/sa/httpbin"
 	)
 	wl := func(uid, name, sa, ip string) *workload.Workload {
 		return &workload.Workload{Uid: uid, Name: name, Namespace: "default", ServiceAccount: sa, Node: "node-1",
@@ -423,10 +442,10 @@ func TestApp_PodToPodThroughTheWholeZtunnel(t *testing.T) {
 
 	// The agent hands both pods over, then says the snapshot is complete.
 	ag.accept()
-	if e := ag.send(add(cliUID, "default", "sleep-1", "sleep"), cliNS); e != "" {
+	if e := ag.send(add(cliPodUID, "default", "sleep-1", "sleep"), cliNS); e != "" {
 		t.Fatalf("add client: %s\n%s", e, logs)
 	}
-	if e := ag.send(add(srvUID, "default", "httpbin-1", "httpbin"), srvNS); e != "" {
+	if e := ag.send(add(srvPodUID, "default", "httpbin-1", "httpbin"), srvNS); e != "" {
 		t.Fatalf("add server: %s", e)
 	}
 	if e := ag.send(&zds.WorkloadRequest{Payload: &zds.WorkloadRequest_SnapshotSent{SnapshotSent: &zds.SnapshotSent{}}}, nil); e != "" {
@@ -518,17 +537,16 @@ func TestApp_PodToPodThroughTheWholeZtunnel(t *testing.T) {
 		t.Errorf("certificates %+v", dump.Certificates)
 	}
 
-	// The server pod is deleted: its sockets close, it is no longer local.
-	if e := ag.send(&zds.WorkloadRequest{Payload: &zds.WorkloadRequest_Del{Del: &zds.DelWorkload{Uid: srvUID}}}, nil); e != "" {
-		t.Fatalf("del: %s", e)
+	// The server pod is recreated under its name (a StatefulSet pod): the
+	// new instance, with its own Kubernetes uid and netns, is handed over
+	// before the old one is deleted. The old one's sockets close; the
+	// workload stays served, by the new instance.
+	const srvPodUID2 = "4f0c2d7e-1b6a-4c1e-9d3e-0a1b2c3d4e03"
+	if e := ag.send(add(srvPodUID2, "default", "httpbin-1", "httpbin"), emptyNetns(t)); e != "" {
+		t.Fatalf("add the recreated server: %s", e)
 	}
-	_, body = httpGet(t, url("admin", "/config_dump"))
-	dump = admin.ConfigDump{}
-	json.Unmarshal([]byte(body), &dump)
-	for _, w := range dump.Workloads {
-		if w.UID == srvUID && w.Local {
-			t.Error("deleted pod still local")
-		}
+	if e := ag.send(&zds.WorkloadRequest{Payload: &zds.WorkloadRequest_Del{Del: &zds.DelWorkload{Uid: srvPodUID}}}, nil); e != "" {
+		t.Fatalf("del: %s", e)
 	}
 	inNS(t, srvNS, func() error {
 		if c, err := net.DialTimeout("tcp", "10.252.0.2:15008", time.Second); err == nil {
@@ -537,6 +555,27 @@ func TestApp_PodToPodThroughTheWholeZtunnel(t *testing.T) {
 		}
 		return nil
 	})
+	local := func() bool {
+		_, body := httpGet(t, url("admin", "/config_dump"))
+		var dump admin.ConfigDump
+		json.Unmarshal([]byte(body), &dump)
+		for _, w := range dump.Workloads {
+			if w.UID == srvUID {
+				return w.Local
+			}
+		}
+		return false
+	}
+	if !local() {
+		t.Error("deleting the old instance of a recreated pod stopped serving the new one")
+	}
+	// The new instance is deleted too: the workload is no longer local.
+	if e := ag.send(&zds.WorkloadRequest{Payload: &zds.WorkloadRequest_Del{Del: &zds.DelWorkload{Uid: srvPodUID2}}}, nil); e != "" {
+		t.Fatalf("del: %s", e)
+	}
+	if local() {
+		t.Error("deleted pod still local")
+	}
 
 	// Shutdown: Run returns, the endpoints close.
 	readyAddr := a.Addr("ready").String()
@@ -581,7 +620,7 @@ func TestApp_NotReadyUntilCertificatesHeld(t *testing.T) {
 	defer func() { cancel(); <-done }()
 	ag.accept()
 	// The pod is taken although the CA refuses its identity...
-	if e := ag.send(add(uid, "default", "sleep-1", "sleep"), cliNS); e != "" {
+	if e := ag.send(add("4f0c2d7e-1b6a-4c1e-9d3e-0a1b2c3d4e01", "default", "sleep-1", "sleep"), cliNS); e != "" {
 		t.Fatalf("add: %s", e)
 	}
 	eventually(t, 5*time.Second, "xDS sync", func() bool { return a.xdsSynced() })
@@ -599,5 +638,31 @@ func TestApp_NotReadyUntilCertificatesHeld(t *testing.T) {
 func TestNew_RefusesIncompleteConfig(t *testing.T) {
 	if _, err := New(Config{XDSAddress: "127.0.0.1:15012"}); err == nil || !strings.Contains(err.Error(), "missing") {
 		t.Errorf("incomplete config: %v", err)
+	}
+}
+
+func TestConfigDefaults_CAInheritsTheXDSServerName(t *testing.T) {
+	for _, tc := range []struct {
+		name                string
+		in                  Config
+		caAddr, caName, xds string
+	}{
+		{"istiod by IP, named by flag", Config{XDSAddress: "10.244.1.2:15012", XDSServerName: "istiod.istio-system.svc"},
+			"10.244.1.2:15012", "istiod.istio-system.svc", "istiod.istio-system.svc"},
+		{"istiod by name", Config{XDSAddress: "istiod.istio-system.svc:15012"},
+			"istiod.istio-system.svc:15012", "istiod.istio-system.svc", "istiod.istio-system.svc"},
+		{"separate CA keeps its own name", Config{XDSAddress: "10.0.0.1:15012", XDSServerName: "istiod.istio-system.svc", CAAddress: "ca.example:443"},
+			"ca.example:443", "ca.example", "istiod.istio-system.svc"},
+		{"separate CA named by flag", Config{XDSAddress: "10.0.0.1:15012", CAAddress: "10.0.0.2:15012", CAServerName: "ca.svc"},
+			"10.0.0.2:15012", "ca.svc", "10.0.0.1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := tc.in
+			c.defaults()
+			if c.CAAddress != tc.caAddr || c.CAServerName != tc.caName || c.XDSServerName != tc.xds {
+				t.Errorf("CA %s named %q, xDS named %q; want CA %s named %q, xDS named %q",
+					c.CAAddress, c.CAServerName, c.XDSServerName, tc.caAddr, tc.caName, tc.xds)
+			}
+		})
 	}
 }

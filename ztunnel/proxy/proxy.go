@@ -80,7 +80,8 @@ type Net interface {
 
 // Pod is a local workload the proxy serves.
 type Pod struct {
-	// UID is the Workload uid (as in ZDS and the Workload API).
+	// UID is the pod's Workload API uid ("<cluster>//Pod/<ns>/<name>"; ZDS
+	// names pods by their Kubernetes uid instead).
 	UID string
 	// SVID is the pod's identity.
 	SVID x509svid.Source
