@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"sort"
 	"strconv"
 	"strings"
@@ -400,12 +401,24 @@ func Measure(ctx context.Context, cfg MeasureConfig) (Measurement, error) {
 	defer func() { stop(); wg.Wait() }()
 
 	var profDone chan error
+	stopClientProfile := func() {}
 	if cfg.ProfileDir != "" {
 		profDone = make(chan error, 1)
 		go func() {
 			profDone <- fetch("http://"+cfg.Istiod.DebugAddr+"/debug/pprof/profile?seconds=6", filepath.Join(cfg.ProfileDir, "istiod-cpu-fullpush.pprof"))
 		}()
 		time.Sleep(100 * time.Millisecond)
+		// The simulated clients share the cores; their profile shows what
+		// they cost. Profiling is already on when the test binary runs with
+		// -cpuprofile; then that profile holds them instead.
+		if f, err := os.Create(filepath.Join(cfg.ProfileDir, "clients-cpu-fullpush.pprof")); err == nil {
+			if pprof.StartCPUProfile(f) == nil {
+				stopClientProfile = func() { pprof.StopCPUProfile(); f.Close() }
+				defer func() { stopClientProfile() }()
+			} else {
+				f.Close()
+			}
+		}
 	}
 	clients := make([]*counter, s.Clients)
 	istiodCPU0, err := cfg.Istiod.CPU()
@@ -445,6 +458,8 @@ func Measure(ctx context.Context, cfg MeasureConfig) (Measurement, error) {
 	}
 	m.FullPush = time.Since(start)
 	m.ClientsPushCPU = selfCPU() - selfCPU0
+	stopClientProfile()
+	stopClientProfile = func() {}
 	istiodCPU1, err := cfg.Istiod.CPU()
 	if err != nil {
 		return m, err

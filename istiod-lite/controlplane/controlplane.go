@@ -264,6 +264,9 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 15 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
 		grpc.MaxConcurrentStreams(1000),
+		// Delta ADS responses are written pre-encoded (xds.Codec); every
+		// other message goes through the proto codec as usual.
+		grpc.ForceServerCodecV2(xds.Codec{}),
 	)
 	cp.xds.Register(g)
 	cp.caService.Register(g)

@@ -67,6 +67,7 @@ func BenchmarkScale(b *testing.B) {
 	p50, p99 := m.Percentile(50), m.Percentile(99)
 	b.Logf("istiod-lite ready %s after start; %d clients hold %d addresses each %s after connecting; initial Address push %.1f MB",
 		ist.Ready.Round(time.Millisecond), scale.Clients, m.Held, m.FullPush.Round(time.Millisecond), float64(m.PushBytes)/1e6)
+	b.Logf("CPU during the full push: istiod-lite %s, clients %s", m.IstiodPushCPU.Round(time.Millisecond), m.ClientsPushCPU.Round(time.Millisecond))
 	b.Logf("pod change to all %d clients: p50 %s p99 %s max %s; istiod-lite peak RSS %.0f MB", scale.Clients,
 		p50.Round(time.Millisecond), p99.Round(time.Millisecond), m.Latencies[len(m.Latencies)-1].Round(time.Millisecond), float64(m.PeakRSS)/1e6)
 	b.ReportMetric(m.FullPush.Seconds(), "full-push-s")

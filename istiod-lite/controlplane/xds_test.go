@@ -624,3 +624,70 @@ func TestXDS_PoliciesWaypointsAndPeerAuthentication(t *testing.T) {
 			len(r.addresses[uid(ns, "web")].GetWorkload().GetAuthorizationPolicies()) == 0
 	})
 }
+
+// registryEvents reads how many events of kind the registry processed.
+func registryEvents(t *testing.T, kind string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + istiodT().DebugAddr().String() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	prefix := `meshlite_istiod_registry_events_total{kind="` + kind + `"} `
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, prefix); ok {
+			var f float64
+			if _, err := fmt.Sscan(v, &f); err != nil {
+				t.Fatalf("metric line %q: %v", l, err)
+			}
+			return f
+		}
+	}
+	return 0
+}
+
+// HTTPRoutes are watched (the waypoint's L7 config will read them); a
+// route attached to a Service changes no Workload API resource, so no
+// ztunnel gets a push for it.
+func TestXDS_HTTPRouteIsWatchedAndPushesNothing(t *testing.T) {
+	ns := "routes"
+	namespace(t, ns, nil)
+	if _, err := env.kc.CoreV1().Services(ns).Create(ctxT(t, 10*time.Second), &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "web"},
+		Spec:       corev1.ServiceSpec{Selector: map[string]string{"app": "web"}, Ports: []corev1.ServicePort{{Port: 80}}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	svcKey := ns + "/web." + ns + ".svc.cluster.local"
+	tok, _ := ztunnelToken(t, "node-a", "ztunnel-routes", "10.244.6.200")
+	rec := newRecorder()
+	c := xdsClient(t, tok, node("ztunnel~routes", "istio-system", "ztunnel"), rec)
+	<-c.Synced()
+	rec.waitFor(t, "the service", 2*time.Second, func(r *recorder) bool { return r.addresses[svcKey] != nil })
+
+	before := registryEvents(t, "httproute")
+	n := rec.count()
+	kind := gatewayv1.Kind("Service")
+	if _, err := env.gc.GatewayV1().HTTPRoutes(ns).Create(ctxT(t, 10*time.Second), &gatewayv1.HTTPRoute{
+		ObjectMeta: metav1.ObjectMeta{Name: "web"},
+		Spec: gatewayv1.HTTPRouteSpec{CommonRouteSpec: gatewayv1.CommonRouteSpec{ParentRefs: []gatewayv1.ParentReference{
+			{Kind: &kind, Name: "web"}}}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for registryEvents(t, "httproute") <= before {
+		if time.Now().After(deadline) {
+			t.Fatal("the registry did not observe the HTTPRoute within 2s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Longer than the push debounce and its maximum delay.
+	time.Sleep(300 * time.Millisecond)
+	for _, r := range rec.since(n) {
+		if r.typeURL == ixds.TypeAddress && len(r.names)+len(r.removed) > 0 {
+			t.Errorf("an HTTPRoute caused an Address push: %v removed %v", r.names, r.removed)
+		}
+	}
+}

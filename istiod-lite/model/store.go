@@ -1,6 +1,7 @@
 package model
 
 import (
+	"slices"
 	"sort"
 
 	corev1 "k8s.io/api/core/v1"
@@ -20,12 +21,15 @@ type Store struct {
 	services   *nsIndex[*corev1.Service]
 	slices     *nsIndex[*discoveryv1.EndpointSlice]
 	gateways   *nsIndex[*gatewayv1.Gateway]
+	httpRoutes *nsIndex[*gatewayv1.HTTPRoute]
 	authz      *nsIndex[*AuthorizationPolicy]
 	peerAuths  *nsIndex[*PeerAuthentication]
 
 	podsByNode map[string]map[types.NamespacedName]struct{}
 	// slicesByService: "<ns>/<service>" -> slice names.
 	slicesByService map[string]map[string]struct{}
+	// routesByService: Service -> the HTTPRoutes attached to it.
+	routesByService map[types.NamespacedName]map[types.NamespacedName]struct{}
 }
 
 // NewStore returns an empty Store.
@@ -37,10 +41,12 @@ func NewStore() *Store {
 		services:        newNSIndex[*corev1.Service](),
 		slices:          newNSIndex[*discoveryv1.EndpointSlice](),
 		gateways:        newNSIndex[*gatewayv1.Gateway](),
+		httpRoutes:      newNSIndex[*gatewayv1.HTTPRoute](),
 		authz:           newNSIndex[*AuthorizationPolicy](),
 		peerAuths:       newNSIndex[*PeerAuthentication](),
 		podsByNode:      map[string]map[types.NamespacedName]struct{}{},
 		slicesByService: map[string]map[string]struct{}{},
+		routesByService: map[types.NamespacedName]map[types.NamespacedName]struct{}{},
 	}
 }
 
@@ -270,6 +276,94 @@ func (s *Store) DeleteGateway(ns, name string)   { s.gateways.del(ns, name) }
 func (s *Store) Gateway(ns, name string) *gatewayv1.Gateway {
 	v, _ := s.gateways.get(ns, name)
 	return v
+}
+
+// HTTPRoutes. Nothing in the Workload API reads them; the waypoint's L7
+// configuration does, per Service they attach to (GAMMA).
+
+func (s *Store) SetHTTPRoute(o *gatewayv1.HTTPRoute) {
+	if old, ok := s.httpRoutes.get(o.Namespace, o.Name); ok {
+		s.unindexRoute(old)
+	}
+	s.httpRoutes.set(o.Namespace, o.Name, o)
+	rk := types.NamespacedName{Namespace: o.Namespace, Name: o.Name}
+	for _, svc := range HTTPRouteServices(o) {
+		m := s.routesByService[svc]
+		if m == nil {
+			m = map[types.NamespacedName]struct{}{}
+			s.routesByService[svc] = m
+		}
+		m[rk] = struct{}{}
+	}
+}
+
+func (s *Store) DeleteHTTPRoute(ns, name string) {
+	if old, ok := s.httpRoutes.get(ns, name); ok {
+		s.unindexRoute(old)
+	}
+	s.httpRoutes.del(ns, name)
+}
+
+func (s *Store) unindexRoute(o *gatewayv1.HTTPRoute) {
+	rk := types.NamespacedName{Namespace: o.Namespace, Name: o.Name}
+	for _, svc := range HTTPRouteServices(o) {
+		if m := s.routesByService[svc]; m != nil {
+			delete(m, rk)
+			if len(m) == 0 {
+				delete(s.routesByService, svc)
+			}
+		}
+	}
+}
+
+func (s *Store) HTTPRoute(ns, name string) *gatewayv1.HTTPRoute {
+	v, _ := s.httpRoutes.get(ns, name)
+	return v
+}
+
+// HTTPRoutes lists the routes of ns ("" for all), sorted.
+func (s *Store) HTTPRoutes(ns string) []*gatewayv1.HTTPRoute { return s.httpRoutes.list(ns) }
+
+// HTTPRoutesOf lists the routes attached to Service ns/name through a
+// parentRef, sorted by namespace and name.
+func (s *Store) HTTPRoutesOf(ns, name string) []*gatewayv1.HTTPRoute {
+	keys := make([]types.NamespacedName, 0, len(s.routesByService[types.NamespacedName{Namespace: ns, Name: name}]))
+	for k := range s.routesByService[types.NamespacedName{Namespace: ns, Name: name}] {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool { return keys[i].String() < keys[j].String() })
+	out := make([]*gatewayv1.HTTPRoute, 0, len(keys))
+	for _, k := range keys {
+		if rt, ok := s.httpRoutes.get(k.Namespace, k.Name); ok {
+			out = append(out, rt)
+		}
+	}
+	return out
+}
+
+// HTTPRouteServices lists the Services an HTTPRoute attaches to: its
+// parentRefs of kind Service in the core group (GAMMA), the namespace
+// defaulting to the route's. Gateway parents are not Services and are left
+// out.
+func HTTPRouteServices(rt *gatewayv1.HTTPRoute) []types.NamespacedName {
+	var out []types.NamespacedName
+	for _, p := range rt.Spec.ParentRefs {
+		if p.Kind == nil || *p.Kind != "Service" {
+			continue
+		}
+		if p.Group != nil && *p.Group != "" && *p.Group != "core" {
+			continue
+		}
+		ns := rt.Namespace
+		if p.Namespace != nil && *p.Namespace != "" {
+			ns = string(*p.Namespace)
+		}
+		k := types.NamespacedName{Namespace: ns, Name: string(p.Name)}
+		if !slices.Contains(out, k) {
+			out = append(out, k)
+		}
+	}
+	return out
 }
 
 // AuthorizationPolicies.

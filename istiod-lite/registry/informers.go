@@ -21,8 +21,8 @@ import (
 // CA's pod index) may share them; add indexers and handlers before Start.
 type Informers struct {
 	Namespaces, Nodes, Pods, Services, EndpointSlices cache.SharedIndexInformer
-	// Gateways are gateway.networking.k8s.io/v1 Gateways.
-	Gateways cache.SharedIndexInformer
+	// Gateways and HTTPRoutes are gateway.networking.k8s.io/v1 objects.
+	Gateways, HTTPRoutes cache.SharedIndexInformer
 	// AuthorizationPolicies and PeerAuthentications deliver
 	// security.istio.io/v1 objects as unstructured.
 	AuthorizationPolicies, PeerAuthentications cache.SharedIndexInformer
@@ -45,6 +45,7 @@ func NewInformers(kc kubernetes.Interface, gc gatewayclient.Interface, dc dynami
 		Services:              kf.Core().V1().Services().Informer(),
 		EndpointSlices:        kf.Discovery().V1().EndpointSlices().Informer(),
 		Gateways:              gf.Gateway().V1().Gateways().Informer(),
+		HTTPRoutes:            gf.Gateway().V1().HTTPRoutes().Informer(),
 		AuthorizationPolicies: df.ForResource(model.AuthorizationPolicyGVR).Informer(),
 		PeerAuthentications:   df.ForResource(model.PeerAuthenticationGVR).Informer(),
 		kubeFactory:           kf,
@@ -61,7 +62,7 @@ func NewInformers(kc kubernetes.Interface, gc gatewayclient.Interface, dc dynami
 
 func (in *Informers) all() []cache.SharedIndexInformer {
 	return []cache.SharedIndexInformer{in.Namespaces, in.Nodes, in.Pods, in.Services, in.EndpointSlices,
-		in.Gateways, in.AuthorizationPolicies, in.PeerAuthentications}
+		in.Gateways, in.HTTPRoutes, in.AuthorizationPolicies, in.PeerAuthentications}
 }
 
 // Start starts every informer; Shutdown stops them and waits.

@@ -40,12 +40,13 @@ const (
 	kindService
 	kindSlice
 	kindGateway
+	kindHTTPRoute
 	kindAuthz
 	kindPeerAuth
 	kindSynced
 )
 
-var kindNames = [...]string{"namespace", "node", "pod", "service", "endpointslice", "gateway", "authorizationpolicy", "peerauthentication", "synced"}
+var kindNames = [...]string{"namespace", "node", "pod", "service", "endpointslice", "gateway", "httproute", "authorizationpolicy", "peerauthentication", "synced"}
 
 // event is one informer notification; old or cur is nil on add or delete.
 type event struct {
@@ -107,7 +108,7 @@ func New(cfg model.Config, in *Informers, out Publisher, log *slog.Logger, reg p
 	}
 	for k, inf := range map[kind]cache.SharedIndexInformer{
 		kindNamespace: in.Namespaces, kindNode: in.Nodes, kindPod: in.Pods, kindService: in.Services,
-		kindSlice: in.EndpointSlices, kindGateway: in.Gateways, kindAuthz: in.AuthorizationPolicies,
+		kindSlice: in.EndpointSlices, kindGateway: in.Gateways, kindHTTPRoute: in.HTTPRoutes, kindAuthz: in.AuthorizationPolicies,
 		kindPeerAuth: in.PeerAuthentications,
 	} {
 		k := k
@@ -359,6 +360,28 @@ func (r *Registry) apply(e event, d *dirty) {
 				d.add(&d.pods, ref.key.Namespace, ref.key.Name)
 			case kindService:
 				d.add(&d.services, ref.key.Namespace, ref.key.Name)
+			}
+		}
+	case kindHTTPRoute:
+		old, _ := e.old.(*gatewayv1.HTTPRoute)
+		cur, _ := e.cur.(*gatewayv1.HTTPRoute)
+		if cur != nil {
+			s.SetHTTPRoute(cur)
+		} else if old != nil {
+			s.DeleteHTTPRoute(old.Namespace, old.Name)
+		} else {
+			return
+		}
+		// The Services it attaches to, before and after (GAMMA parentRefs).
+		// Their Workload API resources do not read routes, so this
+		// recomputes to the same versions and pushes nothing; it is where
+		// the waypoint's L7 configuration (issue 8) will hook in.
+		for _, rt := range []*gatewayv1.HTTPRoute{old, cur} {
+			if rt == nil {
+				continue
+			}
+			for _, k := range model.HTTPRouteServices(rt) {
+				d.add(&d.services, k.Namespace, k.Name)
 			}
 		}
 	case kindAuthz:

@@ -132,3 +132,77 @@ func TestRegistry_RecomputesOnlyWhatAChangeAffects(t *testing.T) {
 	gw2 := &gatewayv1.Gateway{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "unrelated"}, Spec: gatewayv1.GatewaySpec{GatewayClassName: "istio-waypoint"}}
 	step("an unrelated gateway", event{kind: kindGateway, cur: gw2})
 }
+
+// An HTTPRoute is cached and recomputes exactly the Services it attaches
+// to (GAMMA parentRefs of kind Service, before and after a change); a route
+// under a Gateway, and everything else, is left alone.
+func TestRegistry_HTTPRouteRecomputesItsParentServices(t *testing.T) {
+	r, p := testRegistry()
+	svc := func(ns, name, ip string) *corev1.Service {
+		return &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+			Spec: corev1.ServiceSpec{ClusterIP: ip, Selector: map[string]string{"app": name}}}
+	}
+	r.process([]event{
+		{kind: kindNamespace, cur: &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "a"}}},
+		{kind: kindNamespace, cur: &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "b"}}},
+		{kind: kindPod, cur: pod("a", "web-1", "10.0.0.1", map[string]string{"app": "web"})},
+		{kind: kindService, cur: svc("a", "web", "10.96.0.1")},
+		{kind: kindService, cur: svc("a", "api", "10.96.0.2")},
+		{kind: kindService, cur: svc("b", "db", "10.96.0.3")},
+		{kind: kindSynced, cur: true},
+	})
+	step := func(what string, e event, want ...string) {
+		t.Helper()
+		n := len(p.batches)
+		r.process([]event{e})
+		var got []string
+		for _, b := range p.batches[n:] {
+			got = append(got, b...)
+		}
+		sort.Strings(want)
+		if !equal(got, want) {
+			t.Errorf("%s: recomputed %v, want %v", what, got, want)
+		}
+	}
+	kindSvc, kindGW := gatewayv1.Kind("Service"), gatewayv1.Kind("Gateway")
+	core, nsB := gatewayv1.Group(""), gatewayv1.Namespace("b")
+	route := &gatewayv1.HTTPRoute{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "to-web"},
+		Spec: gatewayv1.HTTPRouteSpec{CommonRouteSpec: gatewayv1.CommonRouteSpec{ParentRefs: []gatewayv1.ParentReference{
+			{Group: &core, Kind: &kindSvc, Name: "web"}}}}}
+	step("a route attached to a service", event{kind: kindHTTPRoute, cur: route}, "+a/web.a.svc.cluster.local")
+	if got := r.b.Store().HTTPRoutesOf("a", "web"); len(got) != 1 || got[0] != route {
+		t.Fatalf("routes of a/web = %v", got)
+	}
+
+	moved := route.DeepCopy()
+	moved.Spec.ParentRefs = []gatewayv1.ParentReference{{Kind: &kindSvc, Name: "api"}, {Kind: &kindSvc, Namespace: &nsB, Name: "db"}}
+	step("the route moves to two other services", event{kind: kindHTTPRoute, old: route, cur: moved},
+		"+a/web.a.svc.cluster.local", "+a/api.a.svc.cluster.local", "+b/db.b.svc.cluster.local")
+	if len(r.b.Store().HTTPRoutesOf("a", "web")) != 0 || len(r.b.Store().HTTPRoutesOf("b", "db")) != 1 {
+		t.Error("route index not moved with the parentRefs")
+	}
+
+	gwRoute := &gatewayv1.HTTPRoute{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "ingress"},
+		Spec: gatewayv1.HTTPRouteSpec{CommonRouteSpec: gatewayv1.CommonRouteSpec{ParentRefs: []gatewayv1.ParentReference{
+			{Kind: &kindGW, Name: "web"}}}}}
+	step("a route under a Gateway", event{kind: kindHTTPRoute, cur: gwRoute})
+	if r.b.Store().HTTPRoute("a", "ingress") == nil {
+		t.Error("the Gateway route was not cached")
+	}
+
+	step("the service route deleted", event{kind: kindHTTPRoute, old: moved},
+		"+a/api.a.svc.cluster.local", "+b/db.b.svc.cluster.local")
+	if r.b.Store().HTTPRoute("a", "to-web") != nil || len(r.b.Store().HTTPRoutesOf("b", "db")) != 0 {
+		t.Error("the deleted route is still cached")
+	}
+	// Into the real cache: the recomputed services are unchanged, so the
+	// route reaches no ztunnel.
+	c := xds.NewCache()
+	r.out = c
+	r.process([]event{{kind: kindService, cur: svc("a", "web", "10.96.0.1")}})
+	c.TakeChanges()
+	r.process([]event{{kind: kindHTTPRoute, cur: route}})
+	if ch, _ := c.TakeChanges(); ch != nil {
+		t.Errorf("an HTTPRoute changed Workload API resources: %v", ch)
+	}
+}

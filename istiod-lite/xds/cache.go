@@ -9,6 +9,7 @@ import (
 	"time"
 
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
@@ -28,9 +29,10 @@ type Resource struct {
 	// also gets its workloads.
 	MemberOf []string
 	Body     *anypb.Any
-	// wire is the resource as sent, built once and shared by every
-	// response (proto messages are safe to marshal concurrently).
-	wire *discovery.Resource
+	// wire is the resource as it appears in a response: field
+	// DeltaDiscoveryResponse.resources with its discovery.Resource, encoded
+	// once here and copied verbatim into every response that carries it.
+	wire []byte
 }
 
 // NewResource marshals msg deterministically under typeURL.
@@ -48,7 +50,11 @@ func NewResource(typeURL, name string, msg proto.Message, aliases, memberOf []st
 		MemberOf: memberOf,
 		Body:     &anypb.Any{TypeUrl: typeURL, Value: b},
 	}
-	r.wire = &discovery.Resource{Name: r.Name, Version: r.Version, Aliases: r.Aliases, Resource: r.Body}
+	wr, err := proto.MarshalOptions{Deterministic: true}.Marshal(&discovery.Resource{Name: r.Name, Version: r.Version, Aliases: r.Aliases, Resource: r.Body})
+	if err != nil {
+		return nil, fmt.Errorf("marshal %s %s: %w", typeURL, name, err)
+	}
+	r.wire = protowire.AppendBytes(protowire.AppendTag(make([]byte, 0, len(wr)+8), fieldResources, protowire.BytesType), wr)
 	return r, nil
 }
 
@@ -70,8 +76,10 @@ type Cache struct {
 
 type table struct {
 	// sorted is every resource by name, rebuilt after a change; clients
-	// connecting together share one.
+	// connecting together share one, and the snapshot of it, built on first
+	// use.
 	sorted  []*Resource
+	snap    *snapshot
 	byName  map[string]*Resource
 	byAlias map[string]string
 	members map[string]map[string]struct{}
@@ -119,7 +127,7 @@ func (c *Cache) Update(typeURL string, set []*Resource, remove []string) int {
 		if old != nil {
 			t.unindex(old)
 		}
-		t.sorted = nil
+		t.sorted, t.snap = nil, nil
 		t.byName[r.Name] = r
 		t.index(r)
 		if old == nil || old.Version != r.Version {
@@ -133,7 +141,7 @@ func (c *Cache) Update(typeURL string, set []*Resource, remove []string) int {
 			continue
 		}
 		t.unindex(old)
-		t.sorted = nil
+		t.sorted, t.snap = nil, nil
 		delete(t.byName, n)
 		c.mark(typeURL, n)
 		changed++
@@ -280,6 +288,10 @@ func (c *Cache) All(typeURL string) []*Resource {
 	c.mu.RUnlock()
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	return t.sortedLocked()
+}
+
+func (t *table) sortedLocked() []*Resource {
 	if t.sorted == nil {
 		out := make([]*Resource, 0, len(t.byName))
 		for _, r := range t.byName {
@@ -289,6 +301,46 @@ func (c *Cache) All(typeURL string) []*Resource {
 		t.sorted = out
 	}
 	return t.sorted
+}
+
+// snapshot is every resource of a type at one moment, prepared for the
+// clients that need all of them (a fresh wildcard subscriber): shared by
+// them all and never modified.
+type snapshot struct {
+	all []*Resource
+	// body is the wire encodings of all, concatenated: the body of a full
+	// response.
+	body []byte
+	// versions is name -> version of all: what such a client then holds,
+	// cloned for it (a copy of the table, not a rebuild).
+	versions map[string]string
+}
+
+// snapshot returns the current snapshot of typeURL (nil for a type not
+// served).
+func (c *Cache) snapshot(typeURL string) *snapshot {
+	c.mu.RLock()
+	t := c.tables[typeURL]
+	if t == nil {
+		c.mu.RUnlock()
+		return nil
+	}
+	if s := t.snap; s != nil {
+		c.mu.RUnlock()
+		return s
+	}
+	c.mu.RUnlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if t.snap == nil {
+		all := t.sortedLocked()
+		s := &snapshot{all: all, body: appendWire(nil, all), versions: make(map[string]string, len(all))}
+		for _, r := range all {
+			s.versions[r.Name] = r.Version
+		}
+		t.snap = s
+	}
+	return t.snap
 }
 
 // Len is the number of resources of typeURL.

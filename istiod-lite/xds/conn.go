@@ -2,6 +2,7 @@ package xds
 
 import (
 	"log/slog"
+	"maps"
 	"sort"
 	"strconv"
 	"sync"
@@ -162,38 +163,50 @@ func (c *conn) handle(req *discovery.DeltaDiscoveryRequest) error {
 
 	var res []*Resource
 	var removed []string
+	var full *snapshot
 	if (isNew && sub.wildcard) || becameWildcard {
-		res, removed = c.fullDiffLocked(t, sub)
+		res, full, removed = c.fullDiffLocked(t, sub)
 	} else {
 		res, removed = c.lookupLocked(t, sub, asked)
 		res = dedupe(res)
 	}
-	resp := c.responseLocked(t, sub, res, removed)
+	resp, err := c.responseLocked(t, sub, res, full, removed)
 	c.mu.Unlock()
+	if err != nil {
+		return err
+	}
 	// Requests are always answered, even with nothing: the client waits
 	// for it (an empty Authorization response means "no policies").
-	return c.send(t, resp, time.Time{})
+	return c.send(resp, time.Time{})
 }
 
 // fullDiffLocked compares everything the cache holds with what the client
 // holds: changed and new resources, and removals of what no longer exists.
-func (c *conn) fullDiffLocked(t string, sub *subscription) ([]*Resource, []string) {
+// When every resource is to be sent (a client that holds nothing yet, or
+// nothing current), full is the snapshot they come from, whose encoding is
+// shared by all such clients.
+func (c *conn) fullDiffLocked(t string, sub *subscription) (res []*Resource, full *snapshot, removed []string) {
 	cache := c.srv.cache
-	all := cache.All(t)
-	res := make([]*Resource, 0, len(all))
-	for _, r := range all {
+	snap := cache.snapshot(t)
+	if len(sub.sent) == 0 {
+		return snap.all, snap, nil
+	}
+	res = make([]*Resource, 0, len(snap.all))
+	for _, r := range snap.all {
 		if sub.sent[r.Name] != r.Version {
 			res = append(res, r)
 		}
 	}
-	var removed []string
+	if len(res) == len(snap.all) {
+		res, full = snap.all, snap
+	}
 	for n := range sub.sent {
 		if cache.Get(t, n) == nil {
 			removed = append(removed, n)
 		}
 	}
 	sort.Strings(removed)
-	return res, removed
+	return res, full, removed
 }
 
 // lookupLocked answers on-demand subscriptions: each name or alias that
@@ -249,11 +262,7 @@ func (c *conn) push() error {
 	c.mu.Lock()
 	pending, since := c.pending, c.pendingSince
 	c.pending, c.pendingSince = nil, time.Time{}
-	type out struct {
-		t    string
-		resp *discovery.DeltaDiscoveryResponse
-	}
-	var outs []out
+	var outs []*wireResponse
 	cache := c.srv.cache
 	types := make([]string, 0, len(pending))
 	for t := range pending {
@@ -295,36 +304,56 @@ func (c *conn) push() error {
 		if len(res) == 0 && len(removed) == 0 {
 			continue
 		}
-		outs = append(outs, out{t, c.responseLocked(t, sub, res, removed)})
+		resp, err := c.responseLocked(t, sub, res, nil, removed)
+		if err != nil {
+			c.mu.Unlock()
+			return err
+		}
+		outs = append(outs, resp)
 	}
 	c.mu.Unlock()
 	for _, o := range outs {
-		if err := c.send(o.t, o.resp, since); err != nil {
+		if err := c.send(o, since); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// responseLocked builds a response and records it as sent (optimistically;
-// a NACK undoes it).
-func (c *conn) responseLocked(t string, sub *subscription, res []*Resource, removed []string) *discovery.DeltaDiscoveryResponse {
+// responseLocked builds a response carrying res and removed, and records it
+// as sent (optimistically; a NACK undoes it). full, when not nil, is the
+// snapshot res is all of: its shared encoding is sent and what the client
+// then holds is a copy of its versions.
+func (c *conn) responseLocked(t string, sub *subscription, res []*Resource, full *snapshot, removed []string) (*wireResponse, error) {
 	c.nonce++
 	n := c.nonce
 	version := strconv.FormatUint(c.srv.cache.Version(), 10)
-	resp := &discovery.DeltaDiscoveryResponse{
-		TypeUrl:           t,
-		Nonce:             strconv.FormatUint(n, 10),
-		SystemVersionInfo: version,
-		Resources:         make([]*discovery.Resource, 0, len(res)),
-		RemovedResources:  removed,
+	var body []byte
+	if full != nil {
+		body = full.body
+	}
+	resp, err := encodeResponse(t, strconv.FormatUint(n, 10), version, res, body, removed)
+	if err != nil {
+		return nil, err
 	}
 	fl := &inflight{version: version, set: res}
+	sub.inflight[n] = fl
+	c.trimInflightLocked(sub, n)
+	if full != nil {
+		// Afterwards the client holds exactly the snapshot; what it held
+		// before (every name the response sets or removes) is what a NACK
+		// restores.
+		if len(sub.sent) > 0 {
+			fl.prev = sub.sent
+			fl.removed = removed
+		}
+		sub.sent = maps.Clone(full.versions)
+		return resp, nil
+	}
 	if sub.sent == nil || (len(sub.sent) == 0 && len(res) > 0) {
 		sub.sent = make(map[string]string, len(res))
 	}
 	for _, r := range res {
-		resp.Resources = append(resp.Resources, r.wire)
 		if v, had := sub.sent[r.Name]; had {
 			if fl.prev == nil {
 				fl.prev = map[string]string{}
@@ -343,7 +372,11 @@ func (c *conn) responseLocked(t string, sub *subscription, res []*Resource, remo
 			delete(sub.sent, name)
 		}
 	}
-	sub.inflight[n] = fl
+	return resp, nil
+}
+
+// trimInflightLocked forgets responses more than maxInFlight before n.
+func (c *conn) trimInflightLocked(sub *subscription, n uint64) {
 	if len(sub.inflight) > maxInFlight {
 		for k := range sub.inflight {
 			if k+maxInFlight <= n {
@@ -351,7 +384,6 @@ func (c *conn) responseLocked(t string, sub *subscription, res []*Resource, remo
 			}
 		}
 	}
-	return resp
 }
 
 // bigResponse is the number of resources from which a response counts as
@@ -361,15 +393,14 @@ const (
 	bigHold     = 10 * time.Second
 )
 
-func (c *conn) send(t string, resp *discovery.DeltaDiscoveryResponse, since time.Time) error {
+func (c *conn) send(resp *wireResponse, since time.Time) error {
 	ctx := c.stream.Context()
 	c.mu.Lock()
 	holding := c.bigAck != nil
 	c.mu.Unlock()
-	// A large response stays buffered in gRPC until the client has read
-	// it, so a slot is held until the client answers it: a hundred clients
-	// connecting at once never buffer a hundred snapshots.
-	big := len(resp.Resources) >= bigResponse && !holding
+	// A large response stays queued in gRPC until the client has read it,
+	// so a slot is held until the client answers it (see Server.bigSends).
+	big := resp.resources >= bigResponse && !holding
 	if big {
 		select {
 		case c.srv.bigSends <- struct{}{}:
@@ -379,7 +410,7 @@ func (c *conn) send(t string, resp *discovery.DeltaDiscoveryResponse, since time
 			return status.Error(codes.Unavailable, "server shutting down")
 		}
 	}
-	if err := c.stream.Send(resp); err != nil {
+	if err := c.stream.SendMsg(resp); err != nil {
 		if big {
 			<-c.srv.bigSends
 		}
@@ -388,7 +419,7 @@ func (c *conn) send(t string, resp *discovery.DeltaDiscoveryResponse, since time
 	if big {
 		ack := make(chan struct{})
 		c.mu.Lock()
-		c.bigAck, c.bigNonce = ack, resp.Nonce
+		c.bigAck, c.bigNonce = ack, resp.nonce
 		c.mu.Unlock()
 		go func() {
 			t := time.NewTimer(bigHold)
@@ -406,12 +437,12 @@ func (c *conn) send(t string, resp *discovery.DeltaDiscoveryResponse, since time
 			c.mu.Unlock()
 		}()
 	}
-	mt := metricType(t)
+	mt := metricType(resp.typeURL)
 	c.srv.metrics.pushes.WithLabelValues(mt).Inc()
 	if !since.IsZero() {
 		c.srv.metrics.pushTime.WithLabelValues(mt).Observe(time.Since(since).Seconds())
 	}
-	c.log.Debug("xDS response sent", "type", mt, "nonce", resp.Nonce, "resources", len(resp.Resources), "removed", len(resp.RemovedResources))
+	c.log.Debug("xDS response sent", "type", mt, "nonce", resp.nonce, "resources", resp.resources, "removed", resp.removed)
 	return nil
 }
 

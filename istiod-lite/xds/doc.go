@@ -11,4 +11,10 @@
 // "network/IP" or name, and a diff against initial_resource_versions when a
 // client reconnects. Every stream is authenticated before anything is sent.
 // It does not know Kubernetes; the registry fills the Cache.
+//
+// Responses are written pre-encoded (wire.go): each resource is encoded once
+// in the Cache, a response is a small per-client head (nonce, removals)
+// followed by those encodings, and a full push's body is one buffer shared
+// by every client that receives it. The gRPC server serving this package
+// must use Codec (grpc.ForceServerCodecV2(xds.Codec{})).
 package xds

@@ -52,9 +52,11 @@ type Server struct {
 	conns map[string]*conn
 	seq   atomic.Uint64
 
-	// bigSends bounds how many large responses are marshalled and written
-	// at once: a hundred clients connecting together must not each hold a
-	// full snapshot's buffer.
+	// bigSends bounds how many large responses are in flight at once: a
+	// hundred clients connecting together are served a few at a time, each
+	// finishing quickly, rather than all slowly, and responses encoded per
+	// client (a resume's partial diff) are not all buffered together. A
+	// full snapshot's body is shared, so it costs little memory either way.
 	bigSends chan struct{}
 
 	// stopping is closed when Run returns, ending every stream.

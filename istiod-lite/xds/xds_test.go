@@ -82,6 +82,20 @@ func (f *fakeStream) Send(r *discovery.DeltaDiscoveryResponse) error {
 	f.sent = append(f.sent, r)
 	return nil
 }
+
+// SendMsg decodes what the server's codec writes, as a client would.
+func (f *fakeStream) SendMsg(m any) error {
+	b, err := Codec{}.Marshal(m)
+	if err != nil {
+		return err
+	}
+	r := &discovery.DeltaDiscoveryResponse{}
+	if err := proto.Unmarshal(b.Materialize(), r); err != nil {
+		return fmt.Errorf("decode response: %w", err)
+	}
+	f.sent = append(f.sent, r)
+	return nil
+}
 func (f *fakeStream) Recv() (*discovery.DeltaDiscoveryRequest, error) {
 	return nil, fmt.Errorf("unused")
 }
@@ -250,4 +264,130 @@ func TestCache_AllIsSortedAndFollowsChanges(t *testing.T) {
 	if first[0].Name != "a" {
 		t.Error("an earlier snapshot was modified")
 	}
+}
+
+// The pre-encoded response decodes to exactly the response the resources
+// and fields make as messages: same resources in order (name, version,
+// aliases, body), removals, nonce, type and version.
+func TestEncodeResponse_DecodesAsTheMessage(t *testing.T) {
+	set := []*Resource{wl("a", "1", "ns/s"), svc("ns/s"), wl("b", "2")}
+	removed := []string{"gone", "ünïcode"}
+	want := &discovery.DeltaDiscoveryResponse{TypeUrl: ixds.TypeAddress, Nonce: "7", SystemVersionInfo: "42", RemovedResources: removed}
+	for _, r := range set {
+		want.Resources = append(want.Resources, &discovery.Resource{Name: r.Name, Version: r.Version, Aliases: r.Aliases, Resource: r.Body})
+	}
+	for _, body := range [][]byte{nil, appendWire(nil, set)} {
+		w, err := encodeResponse(ixds.TypeAddress, "7", "42", set, body, removed)
+		must(t, err)
+		bs, err := Codec{}.Marshal(w)
+		must(t, err)
+		got := &discovery.DeltaDiscoveryResponse{}
+		must(t, proto.Unmarshal(bs.Materialize(), got))
+		if !proto.Equal(got, want) {
+			t.Fatalf("decoded\n%v\nwant\n%v", got, want)
+		}
+		if w.resources != 3 || w.removed != 2 || w.nonce != "7" {
+			t.Errorf("response summary %+v", w)
+		}
+	}
+	// Any other message goes through the proto codec.
+	bs, err := Codec{}.Marshal(want)
+	must(t, err)
+	got := &discovery.DeltaDiscoveryResponse{}
+	must(t, Codec{}.Unmarshal(bs, got))
+	if !proto.Equal(got, want) {
+		t.Fatalf("proto round trip: %v", got)
+	}
+}
+
+// Clients that hold nothing share one encoded body; a change builds a new
+// one and leaves the one already handed out alone; a client that holds part
+// gets only the rest, encoded for it.
+func TestConn_FullPushSharesOneBody(t *testing.T) {
+	c := NewCache()
+	c.Update(ixds.TypeAddress, []*Resource{wl("a", "1"), wl("b", "2"), svc("ns/s")}, nil)
+	c.TakeChanges()
+	bodies := func(cn *conn) *wireResponse {
+		return capture(t, cn, &discovery.DeltaDiscoveryRequest{TypeUrl: ixds.TypeAddress})
+	}
+	c1, _ := newTestConn(c)
+	c2, _ := newTestConn(c)
+	w1, w2 := bodies(c1), bodies(c2)
+	if w1.resources != 3 || len(w1.body) == 0 || &w1.body[0] != &w2.body[0] {
+		t.Fatalf("two fresh clients did not share the body (%d resources)", w1.resources)
+	}
+	if w1.nonce == "" || string(w1.head) == "" {
+		t.Fatal("empty head")
+	}
+	before := append([]byte(nil), w1.body...)
+	c.Update(ixds.TypeAddress, []*Resource{wl("a", "11")}, nil)
+	c3, _ := newTestConn(c)
+	w3 := bodies(c3)
+	if &w3.body[0] == &w1.body[0] || string(w3.body) == string(before) {
+		t.Fatal("the body was not rebuilt after a change")
+	}
+	if string(w1.body) != string(before) {
+		t.Fatal("a body already handed out was modified")
+	}
+	// Resuming with a and s current: only b is sent.
+	c4, fs := newTestConn(c)
+	must(t, c4.handle(&discovery.DeltaDiscoveryRequest{TypeUrl: ixds.TypeAddress, InitialResourceVersions: map[string]string{
+		"a": c.Get(ixds.TypeAddress, "a").Version, "ns/s": c.Get(ixds.TypeAddress, "ns/s").Version}}))
+	if got := names(fs.sent[0]); len(got) != 1 || got[0] != "b" {
+		t.Fatalf("resume sent %v, want b", got)
+	}
+
+	// What one client holds is its own: a push to c1 leaves c2's state.
+	c.TakeChanges()
+	c.Update(ixds.TypeAddress, []*Resource{wl("b", "22")}, nil)
+	ch, since := c.TakeChanges()
+	c1.enqueue(ch, since)
+	must(t, c1.push())
+	if c1.subs[ixds.TypeAddress].sent["b"] == c2.subs[ixds.TypeAddress].sent["b"] {
+		t.Fatal("a push to one client changed what another holds")
+	}
+
+	// Resuming with nothing current gets the shared body and the removal;
+	// a NACK of it restores exactly what the client held.
+	held := map[string]string{"a": "old", "b": "old", "ns/s": "old", "gone": "old"}
+	c5, _ := newTestConn(c)
+	w5 := capture(t, c5, &discovery.DeltaDiscoveryRequest{TypeUrl: ixds.TypeAddress, InitialResourceVersions: held})
+	snap := c.snapshot(ixds.TypeAddress)
+	if w5.resources != 3 || w5.removed != 1 || &w5.body[0] != &snap.body[0] {
+		t.Fatalf("stale resume: %d resources, %d removed, shared body %v", w5.resources, w5.removed, &w5.body[0] == &snap.body[0])
+	}
+	must(t, c5.handle(&discovery.DeltaDiscoveryRequest{TypeUrl: ixds.TypeAddress, ResponseNonce: w5.nonce,
+		ErrorDetail: &status.Status{Code: 3, Message: "bad"}}))
+	if got := c5.subs[ixds.TypeAddress].sent; len(got) != len(held) || got["a"] != "old" || got["gone"] != "old" {
+		t.Fatalf("after NACK the client holds %v, want %v", got, held)
+	}
+	if len(snap.versions) != 3 || snap.versions["a"] != c.Get(ixds.TypeAddress, "a").Version {
+		t.Fatalf("the shared snapshot was modified: %v", snap.versions)
+	}
+}
+
+// capture has cn handle req and returns the response it sends, as built.
+func capture(t *testing.T, cn *conn, req *discovery.DeltaDiscoveryRequest) *wireResponse {
+	t.Helper()
+	var got *wireResponse
+	cn.stream = &captureStream{f: func(w *wireResponse) { got = w }}
+	must(t, cn.handle(req))
+	if got == nil {
+		t.Fatal("no response")
+	}
+	return got
+}
+
+type captureStream struct {
+	fakeStream
+	f func(*wireResponse)
+}
+
+func (s *captureStream) SendMsg(m any) error {
+	w, ok := m.(*wireResponse)
+	if !ok {
+		return fmt.Errorf("sent %T, want a pre-encoded response", m)
+	}
+	s.f(w)
+	return nil
 }
