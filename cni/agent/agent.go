@@ -33,9 +33,9 @@ import (
 type Config struct {
 	// NodeName is the node the agent serves (downward API spec.nodeName).
 	NodeName string
-	// PodNamespace and PodName name the agent's own pod, to tell an
-	// uninstall (its DaemonSet deleted) from a restart. Empty: never
-	// uninstall on exit.
+	// PodNamespace and PodName name the agent's own pod, whose owning
+	// DaemonSet the agent watches to tell an uninstall (DaemonSet deleted)
+	// from a restart. Empty: never uninstall on exit.
 	PodNamespace, PodName string
 
 	// CNIConfDir and CNIBinDir are the node's net.d and CNI bin dir.
@@ -111,6 +111,9 @@ type Agent struct {
 	mu    sync.Mutex
 	pods  map[string]*podState // by pod uid
 
+	// owner is what the agent saw of its DaemonSet (uninstall or restart).
+	owner ownerWatch
+
 	synced    atomic.Bool
 	listening atomic.Bool
 	pluginLn  *net.UnixListener
@@ -179,7 +182,8 @@ func New(cfg Config, kube kubernetes.Interface, log *slog.Logger) (*Agent, error
 }
 
 // Run starts everything and blocks until ctx ends; then it stops, and
-// uninstalls itself if its DaemonSet is gone.
+// uninstalls itself if its DaemonSet is gone (seen deleted while it ran, or
+// found deleted now).
 func (a *Agent) Run(ctx context.Context) error {
 	a.log.Info("CNI agent starting", "zds", a.cfg.ZDSSocket, "pluginSocket", a.cfg.SocketPath,
 		"confDir", a.cfg.CNIConfDir, "binDir", a.cfg.CNIBinDir)
@@ -195,6 +199,13 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
+	// The DaemonSet watch runs until the shutdown decision is made, past
+	// runCtx.
+	watchCtx, stopWatch := context.WithCancel(context.Background())
+	defer stopWatch()
+	if a.cfg.PodName != "" && a.cfg.PodNamespace != "" {
+		go a.watchOwner(runCtx, watchCtx)
+	}
 	var wg sync.WaitGroup
 	var failOnce sync.Once
 	var failed error // the first part that stopped on its own
@@ -252,7 +263,9 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	cctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	if a.shouldUninstall(cctx) {
+	uninstall := a.shouldUninstall(cctx)
+	stopWatch()
+	if uninstall {
 		if err := a.Uninstall(cctx); err != nil {
 			a.log.Error("uninstall incomplete", "err", err)
 			return err
@@ -274,38 +287,6 @@ func (a *Agent) closeAll() {
 		st.close()
 		delete(a.pods, uid)
 	}
-}
-
-// shouldUninstall is true when the agent's DaemonSet is deleted or being
-// deleted; a restart, an upgrade or a node drain leaves it installed.
-func (a *Agent) shouldUninstall(ctx context.Context) bool {
-	if a.cfg.PodName == "" || a.cfg.PodNamespace == "" {
-		return false
-	}
-	pod, err := a.kube.CoreV1().Pods(a.cfg.PodNamespace).Get(ctx, a.cfg.PodName, metav1.GetOptions{})
-	if err != nil {
-		a.log.Warn("cannot read own pod; staying installed", "err", err)
-		return false
-	}
-	for _, o := range pod.OwnerReferences {
-		if o.Kind != "DaemonSet" {
-			continue
-		}
-		ds, err := a.kube.AppsV1().DaemonSets(a.cfg.PodNamespace).Get(ctx, o.Name, metav1.GetOptions{})
-		switch {
-		case isNotFound(err):
-			a.log.Info("own DaemonSet is gone: uninstalling", "daemonset", o.Name)
-			return true
-		case err != nil:
-			a.log.Warn("cannot read own DaemonSet; staying installed", "err", err)
-			return false
-		case ds.DeletionTimestamp != nil || ds.UID != o.UID:
-			a.log.Info("own DaemonSet is being deleted: uninstalling", "daemonset", o.Name)
-			return true
-		}
-		return false
-	}
-	return false
 }
 
 // Uninstall removes the plugin from the node's CNI config and bin dir,

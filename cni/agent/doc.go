@@ -20,14 +20,20 @@
 // are. Redirection fails closed: an enrolled pod's traffic is redirected
 // before ztunnel holds it, so until then it goes nowhere, never around
 // ztunnel; the agent leaves every rule in place when it restarts and
-// removes them only when its DaemonSet is deleted (uninstall).
+// removes them only when its DaemonSet is deleted (uninstall). It learns
+// that DaemonSet from its own pod's ownerReferences at start and watches it
+// while it runs, so an uninstall is recognised even when the DaemonSet's
+// ServiceAccount and RBAC are deleted with it and the API can no longer be
+// read at shutdown; without a deletion seen or read, it stays installed.
 //
 // Kubernetes permissions it needs (least privilege):
 //
 //   - pods: get, list, watch (its node's, by field selector; get by name
-//     for a pod the informer has not seen yet) and patch (the redirection
-//     annotation);
+//     for a pod the informer has not seen yet, and for its own pod to learn
+//     its DaemonSet) and patch (the redirection annotation);
 //   - namespaces: get, list, watch;
-//   - daemonsets.apps: get, in its own namespace (to tell an uninstall from
-//     a restart).
+//   - daemonsets.apps: get, list, watch, in its own namespace, of its own
+//     DaemonSet (watched with a metadata.name field selector, so
+//     resourceNames can limit the grant to it): to tell an uninstall from a
+//     restart.
 package agent

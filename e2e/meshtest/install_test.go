@@ -163,26 +163,22 @@ func (e *env) install(t *testing.T, c component) bool {
 	return !have
 }
 
-// uninstall deletes what install created: the workload first, and the
-// rest (service account, RBAC) only once its pods are gone, so that a
-// cni-agent on its way out can still read its DaemonSet, see it deleted and
-// uninstall itself from its node (unchain the plugin, remove the node
-// rules). Should a node still chain mesh-cni after that, the shared
-// sandbox would start no pod there, so the test fails and unchains it.
+// uninstall deletes what install created, all at once as `kubectl delete
+// -f` does (the cni-agent watches its DaemonSet, so it uninstalls itself
+// from its node even though its ServiceAccount and RBAC go with it), and
+// waits for the pods to go. Should a node still chain mesh-cni after that,
+// the shared sandbox would start no pod there, so the test fails and
+// unchains it.
 func (e *env) uninstall(t *testing.T, c component, created []*unstructured.Unstructured) {
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	var workload, rest []*unstructured.Unstructured
+	var objs []*unstructured.Unstructured
 	for _, o := range slices.Backward(created) {
-		switch o.GetKind() {
-		case "Namespace":
-		case "Deployment", "DaemonSet":
-			workload = append(workload, o)
-		default:
-			rest = append(rest, o)
+		if o.GetKind() != "Namespace" {
+			objs = append(objs, o)
 		}
 	}
-	if err := e.objs.applier.Delete(ctx, workload...); err != nil {
+	if err := e.objs.applier.Delete(ctx, objs...); err != nil {
 		t.Errorf("delete %s: %v", c.file, err)
 	}
 	err := sandbox.WaitFor(ctx, 80*time.Second, c.name+" pods gone", func(ctx context.Context) (bool, error) {
@@ -191,9 +187,6 @@ func (e *env) uninstall(t *testing.T, c component, created []*unstructured.Unstr
 	})
 	if err != nil {
 		t.Errorf("uninstall %s: %v", c.name, err)
-	}
-	if err := e.objs.applier.Delete(ctx, rest...); err != nil {
-		t.Errorf("delete %s: %v", c.file, err)
 	}
 	if c.name != "istio-cni-node" {
 		return
