@@ -226,6 +226,9 @@ func startProfile(dir, rowName string, last bool) (func(), error) {
 		}
 		return '-'
 	}, rowName)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
 	path := filepath.Join(dir, Name+"-"+name+".pprof")
 	f, err := os.Create(path)
 	if err != nil {
