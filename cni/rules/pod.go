@@ -9,6 +9,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/meshlite/meshlite/internal/nsenter"
 )
 
 // Pod installs, checks and removes the in-pod rule set.
@@ -36,7 +38,7 @@ func (p *Pod) Apply(ns *os.File) error {
 	if err := withHandle(ns, addRouting); err != nil {
 		return err
 	}
-	return InNetns(ns, func() error {
+	return nsenter.Do(ns, func() error {
 		if err := p.tables.Apply(p.set); err != nil {
 			return fmt.Errorf("apply in-pod iptables rules: %w", err)
 		}
@@ -50,7 +52,7 @@ func (p *Pod) Check(ns *os.File) error {
 	if err := withHandle(ns, checkRouting); err != nil {
 		errs = append(errs, err)
 	}
-	if err := InNetns(ns, func() error { return p.tables.Check(p.set) }); err != nil {
+	if err := nsenter.Do(ns, func() error { return p.tables.Check(p.set) }); err != nil {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -62,7 +64,7 @@ func (p *Pod) Check(ns *os.File) error {
 // Remove deletes every chain, jump, rule and route of the set from ns;
 // absent parts are fine.
 func (p *Pod) Remove(ns *os.File) error {
-	err := InNetns(ns, func() error { return p.tables.Remove(p.set) })
+	err := nsenter.Do(ns, func() error { return p.tables.Remove(p.set) })
 	if rerr := withHandle(ns, delRouting); rerr != nil {
 		err = errors.Join(err, rerr)
 	}
@@ -75,7 +77,7 @@ func (p *Pod) Remove(ns *os.File) error {
 // Present reports whether any part of the iptables rule set is in ns.
 func (p *Pod) Present(ns *os.File) (bool, error) {
 	var ok bool
-	err := InNetns(ns, func() error {
+	err := nsenter.Do(ns, func() error {
 		var err error
 		ok, err = p.tables.Present(p.set)
 		return err

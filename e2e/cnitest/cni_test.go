@@ -29,6 +29,7 @@ import (
 	"github.com/meshlite/meshlite/e2e/netlab"
 	"github.com/meshlite/meshlite/e2e/sandbox"
 	"github.com/meshlite/meshlite/internal/kube"
+	"github.com/meshlite/meshlite/internal/nsenter"
 	pb "github.com/meshlite/meshlite/proto/zds"
 )
 
@@ -291,7 +292,7 @@ func (s *suite) podRules(ns, name string) string {
 func (s *suite) nodeRules(i int) string {
 	s.t.Helper()
 	var out []byte
-	err := netlab.Do(netlab.NetnsPath(s.sb.Plan.NodeNetns(i)), func() error {
+	err := nsenter.DoPath(netlab.NetnsPath(s.sb.Plan.NodeNetns(i)), func() error {
 		var err error
 		out, err = runCmd("iptables-save", "-t", "nat")
 		return err
@@ -528,7 +529,7 @@ func (s *suite) cleanup() {
 		os.Remove(filepath.Join(s.root(i).CNIBinDir, "mesh-cni"))
 		if terr == nil {
 			if h, err := rules.NewHost(tables, rules.Config{}); err == nil {
-				netlab.Do(netlab.NetnsPath(s.sb.Plan.NodeNetns(i)), h.Remove)
+				nsenter.DoPath(netlab.NetnsPath(s.sb.Plan.NodeNetns(i)), h.Remove)
 			}
 		}
 	}

@@ -11,6 +11,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshlite/meshlite/internal/nsenter"
 )
 
 // NetnsDir is where named network namespaces live (as `ip netns` keeps them).
@@ -141,54 +143,12 @@ func netnsInode(path string) (uint64, error) {
 	return st.Ino, nil
 }
 
-// inNetns runs fn on an OS thread that has joined the network namespace at
-// path, then moves the thread back. Sockets created by fn stay in that
-// namespace. When the thread cannot be moved back it is discarded.
-func inNetns(path string, fn func() error) error {
-	if path == "" {
-		return fn()
-	}
-	type result struct{ err error }
-	done := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open(fmt.Sprintf("/proc/%d/task/%d/ns/net", os.Getpid(), unix.Gettid()))
-		if err != nil {
-			runtime.UnlockOSThread()
-			done <- result{fmt.Errorf("open current netns: %w", err)}
-			return
-		}
-		defer orig.Close()
-		target, err := os.Open(path)
-		if err != nil {
-			runtime.UnlockOSThread()
-			done <- result{fmt.Errorf("open netns %s: %w", path, err)}
-			return
-		}
-		defer target.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			done <- result{fmt.Errorf("enter netns %s: %w", path, err)}
-			return
-		}
-		ferr := fn()
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-			// Leave the thread locked: it dies with this goroutine.
-			done <- result{ferr}
-			return
-		}
-		runtime.UnlockOSThread()
-		done <- result{ferr}
-	}()
-	return (<-done).err
-}
-
 // dialInNetns opens a TCP connection from inside the network namespace at
 // path ("" = the current one). addr must hold an IP literal: a name could make
 // the dialer race addresses on goroutines of other threads (other netns).
 func dialInNetns(ctx context.Context, path, addr string) (net.Conn, error) {
 	var conn net.Conn
-	err := inNetns(path, func() error {
+	err := nsenter.DoPath(path, func() error {
 		var d net.Dialer
 		c, err := d.DialContext(ctx, "tcp", addr)
 		conn = c

@@ -21,6 +21,7 @@ import (
 	"github.com/meshlite/meshlite/e2e/echo"
 	"github.com/meshlite/meshlite/e2e/netlab"
 	"github.com/meshlite/meshlite/e2e/sandbox"
+	"github.com/meshlite/meshlite/internal/nsenter"
 )
 
 // env is the sandbox with the mesh installed, as the tests see it.
@@ -177,7 +178,7 @@ func (e *env) admin(t *testing.T, node int, path string) []byte {
 	nsPath := netlab.NetnsPath(e.sb.Plan.NodeNetns(node))
 	tr := &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 		var c net.Conn
-		err := netlab.Do(nsPath, func() error {
+		err := nsenter.DoPath(nsPath, func() error {
 			var d net.Dialer
 			var err error
 			c, err = d.DialContext(ctx, network, addr)
@@ -351,7 +352,7 @@ func (p *wireProbe) counts(t *testing.T) map[string]int {
 	out := map[string]int{}
 	for i := 0; i < p.e.sb.Plan.Nodes; i++ {
 		var b []byte
-		err := netlab.Do(netlab.NetnsPath(p.e.sb.Plan.NodeNetns(i)), func() error {
+		err := nsenter.DoPath(netlab.NetnsPath(p.e.sb.Plan.NodeNetns(i)), func() error {
 			var err error
 			b, err = runOutput("iptables", "-w", "-t", "mangle", "-L", p.chain, "-v", "-n", "-x")
 			return err

@@ -11,37 +11,15 @@ import (
 
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
-)
 
-// Do runs fn on an OS thread that has entered the network namespace at
-// nsPath. Processes that fn starts (exec.Cmd.Start forks from the calling
-// thread) and sockets it opens live in that namespace. The thread is never
-// unlocked, so the Go runtime retires it instead of running other
-// goroutines in the wrong namespace.
-func Do(nsPath string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		h, err := netns.GetFromPath(nsPath)
-		if err != nil {
-			errc <- fmt.Errorf("open netns %s: %w", nsPath, err)
-			return
-		}
-		defer h.Close()
-		if err := netns.Set(h); err != nil {
-			errc <- fmt.Errorf("enter netns %s: %w", nsPath, err)
-			return
-		}
-		errc <- fn()
-	}()
-	return <-errc
-}
+	"github.com/meshlite/meshlite/internal/nsenter"
+)
 
 // Run runs a command to completion inside the namespace at nsPath and
 // returns an error holding its output when it fails.
 func Run(nsPath string, name string, args ...string) error {
 	var out []byte
-	err := Do(nsPath, func() error {
+	err := nsenter.DoPath(nsPath, func() error {
 		var err error
 		out, err = exec.Command(name, args...).CombinedOutput()
 		return err

@@ -11,6 +11,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/meshlite/meshlite/internal/nsenter"
 )
 
 // Names of links inside the namespaces this package makes.
@@ -145,7 +147,7 @@ func createNode(p Plan, i int, under netns.NsHandle, uh *netlink.Handle, br netl
 	}
 	// Nodes route between the underlay and their pod bridge; forwarding
 	// is a per-namespace setting and off in a new one.
-	if err := Do(NetnsPath(name), func() error {
+	if err := nsenter.DoPath(NetnsPath(name), func() error {
 		return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644)
 	}); err != nil {
 		return fmt.Errorf("%s: enable ip_forward: %w", name, err)

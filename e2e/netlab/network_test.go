@@ -15,6 +15,8 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 	types100 "github.com/containernetworking/cni/pkg/types/100"
+
+	"github.com/meshlite/meshlite/internal/nsenter"
 )
 
 // testPlan is disjoint from DefaultPlan, so this test runs beside a live
@@ -98,7 +100,7 @@ func TestNetwork_HostNodesAndPodsReachEachOther(t *testing.T) {
 	cni := libcni.NewCNIConfigWithCacheDir([]string{root.CNIBinDir}, root.CNICache, nil)
 	rt := &libcni.RuntimeConf{ContainerID: "test", NetNS: NetnsPath(podNs), IfName: "eth0"}
 	var podIP netip.Addr
-	err = Do(node1, func() error {
+	err = nsenter.DoPath(node1, func() error {
 		res, err := cni.AddNetworkList(context.Background(), list, rt)
 		if err != nil {
 			return err
@@ -132,7 +134,7 @@ func TestNetwork_HostNodesAndPodsReachEachOther(t *testing.T) {
 	roundTripTo(t, "pod -> service VIP", NetnsPath(podNs), hostLn, vip.String())
 	roundTripTo(t, "node 1 -> service VIP", node1, hostLn, vip.String())
 
-	err = Do(node1, func() error { return cni.DelNetworkList(context.Background(), list, rt) })
+	err = nsenter.DoPath(node1, func() error { return cni.DelNetworkList(context.Background(), list, rt) })
 	if err != nil {
 		t.Errorf("CNI DEL: %v", err)
 	}
@@ -152,7 +154,7 @@ func listen(t *testing.T, nsPath string, addr netip.AddrPort) net.Listener {
 	if nsPath == "" {
 		err = open()
 	} else {
-		err = Do(nsPath, open)
+		err = nsenter.DoPath(nsPath, open)
 	}
 	if err != nil {
 		t.Fatalf("listen on %s in %q: %v", addr, nsPath, err)
@@ -191,7 +193,7 @@ func roundTripTo(t *testing.T, what, fromNs string, ln net.Listener, addr string
 	if fromNs == "" {
 		err = dial()
 	} else {
-		err = Do(fromNs, dial)
+		err = nsenter.DoPath(fromNs, dial)
 	}
 	if err != nil {
 		t.Errorf("%s: dial %s: %v", what, addr, err)

@@ -9,7 +9,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 
-	"github.com/meshlite/meshlite/e2e/netlab"
+	"github.com/meshlite/meshlite/internal/nsenter"
 )
 
 // ExecIn runs argv inside the network namespace of pod ns/name (the host's
@@ -25,7 +25,7 @@ func (s *Sandbox) ExecIn(ctx context.Context, ns, name string, argv []string, st
 	}
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdin, stdout, stderr
-	if err := netlab.Do(path, cmd.Start); err != nil {
+	if err := nsenter.DoPath(path, cmd.Start); err != nil {
 		return fmt.Errorf("exec %q in pod %s/%s: %w", argv[0], ns, name, err)
 	}
 	return cmd.Wait()

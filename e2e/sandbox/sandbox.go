@@ -17,6 +17,7 @@ import (
 	"github.com/meshlite/meshlite/e2e/cluster"
 	"github.com/meshlite/meshlite/e2e/cluster/manifest"
 	"github.com/meshlite/meshlite/e2e/netlab"
+	"github.com/meshlite/meshlite/internal/nsenter"
 )
 
 // Sandbox is a running sandbox cluster.
@@ -198,7 +199,7 @@ func (s *Sandbox) Dial(ctx context.Context, ns, name, addr string) (net.Conn, er
 		return nil, err
 	}
 	var c net.Conn
-	err = netlab.Do(path, func() error {
+	err = nsenter.DoPath(path, func() error {
 		var d net.Dialer
 		var err error
 		c, err = d.DialContext(ctx, "tcp", addr)

@@ -9,16 +9,16 @@ package podnet
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshlite/meshlite/internal/nsenter"
 )
 
 // Mark is the socket mark of every ztunnel socket in a pod; the in-pod rules
@@ -62,33 +62,7 @@ func (n *NS) Fd() uintptr { return n.f.Fd() }
 
 // Do runs fn on an OS thread that is in the netns. Only socket creation
 // needs it; a socket stays in the netns it was created in.
-func (n *NS) Do(fn func() error) error {
-	errc := make(chan error, 1)
-	// A fresh goroutine so a thread whose netns could not be restored is
-	// simply discarded (it stays locked when the goroutine exits).
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
-		if err != nil {
-			errc <- fmt.Errorf("open current netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := unix.Setns(int(n.f.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter netns: %w", err)
-			return
-		}
-		ferr := fn()
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("return from netns (thread discarded): %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+func (n *NS) Do(fn func() error) error { return nsenter.Do(n.f, fn) }
 
 // control marks a socket and, when transparent, lets it bind a non-local
 // address.

@@ -11,13 +11,12 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/vishvananda/netns"
+	"github.com/meshlite/meshlite/internal/nsenter"
 )
 
 // Spec describes a process to start.
@@ -78,22 +77,7 @@ func StartIn(nsPath string, cmd *exec.Cmd) error {
 	if nsPath == "" {
 		return cmd.Start()
 	}
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		h, err := netns.GetFromPath(nsPath)
-		if err != nil {
-			errc <- fmt.Errorf("open netns %s: %w", nsPath, err)
-			return
-		}
-		defer h.Close()
-		if err := netns.Set(h); err != nil {
-			errc <- fmt.Errorf("enter netns %s: %w", nsPath, err)
-			return
-		}
-		errc <- cmd.Start()
-	}()
-	return <-errc
+	return nsenter.DoPath(nsPath, cmd.Start)
 }
 
 // Proc identifies a started process.
