@@ -9,12 +9,15 @@ package daemon
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/meshlite/meshlite/internal/nsenter"
 )
@@ -43,6 +46,7 @@ func Start(s Spec) (int, error) {
 		return 0, fmt.Errorf("open log file for %s: %w", s.Path, err)
 	}
 	defer logf.Close()
+	closeInheritedOnExec()
 	cmd := exec.Command(s.Path, s.Args...)
 	cmd.Env = append(os.Environ(), s.Env...)
 	cmd.Dir = s.Dir
@@ -66,6 +70,15 @@ func Start(s Spec) (int, error) {
 		return 0, fmt.Errorf("write pid file %s: %w", s.PidFile, err)
 	}
 	return pid, nil
+}
+
+// closeInheritedOnExec marks every descriptor above stderr close-on-exec.
+// Go opens its own files that way, but descriptors inherited from whoever
+// started us (a lock held by `flock cmd`, a CI pipe) are not, and a daemon
+// that outlives us must not keep them: it would hold the lock until the
+// sandbox goes down.
+func closeInheritedOnExec() {
+	_ = unix.CloseRange(3, math.MaxUint32, unix.CLOSE_RANGE_CLOEXEC)
 }
 
 // StartIn starts cmd inside the network namespace at nsPath (or in the

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func spec(t *testing.T, script string) Spec {
@@ -128,4 +130,34 @@ func sessionOf(pid int) (int, error) {
 	var sid int
 	_, err = fmt.Sscan(f[3], &sid) // field 6
 	return sid, err
+}
+
+// A descriptor inherited without close-on-exec (as `flock lockfile cmd`
+// hands its lock to cmd) must not reach a daemon, which would hold it for
+// its whole life.
+func TestStart_DoesNotLeakInheritedDescriptors(t *testing.T) {
+	f, err := os.Create(filepath.Join(t.TempDir(), "inherited.lock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := unix.FcntlInt(f.Fd(), unix.F_SETFD, 0); err != nil {
+		t.Fatal(err)
+	}
+	s := spec(t, "exec sleep 60")
+	pid, err := Start(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = StopFromFile(s.PidFile, time.Second) })
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		target, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name()))
+		if target == f.Name() {
+			t.Fatalf("daemon inherited fd %s -> %s", e.Name(), target)
+		}
+	}
 }
