@@ -37,7 +37,10 @@ type Config struct {
 	ImageBinDirs []string `json:"imageBinDirs"`
 
 	// ClusterDNS and ClusterDomain go into each pod's resolv.conf.
-	ClusterDNS    string `json:"clusterDNS"`
+	ClusterDNS string `json:"clusterDNS"`
+	// NetnsPrefix starts the names of pod network namespaces (default
+	// PodNetnsPrefix); each sandbox instance has its own.
+	NetnsPrefix   string `json:"netnsPrefix,omitempty"`
 	ClusterDomain string `json:"clusterDomain"`
 
 	// ServingCert/ServingKey serve the kubelet API on 10250; ClientCAFile

@@ -56,13 +56,17 @@ type runner struct {
 
 func newRunner(cfg *Config, log *slog.Logger, api apiAccess, initArgv []string) *runner {
 	hostResolv, _ := os.ReadFile("/etc/resolv.conf")
+	prefix := PodNetnsPrefix
+	if cfg.NetnsPrefix != "" {
+		prefix = cfg.NetnsPrefix
+	}
 	return &runner{
 		cfg:         cfg,
 		log:         log,
 		cni:         newCNINet(cfg),
 		spawn:       newSpawner(),
 		initArgv:    initArgv,
-		netnsPrefix: PodNetnsPrefix,
+		netnsPrefix: prefix,
 		api:         api,
 		nodeCPU:     hostCPUs(),
 		nodeMemory:  hostMemory(),

@@ -41,6 +41,25 @@ func DefaultPlan(n int) Plan {
 	}
 }
 
+// MaxInstances bounds the sandbox instances one machine can run side by
+// side (PlanFor).
+const MaxInstances = 8
+
+// PlanFor is the layout of sandbox instance i (0 is DefaultPlan): its own
+// name prefix, underlay, pod and service ranges, so instances never share a
+// name or an address.
+func PlanFor(instance, n int) Plan {
+	p := DefaultPlan(n)
+	if instance <= 0 {
+		return p
+	}
+	p.Prefix = fmt.Sprintf("sb%d", instance)
+	p.Underlay = netip.PrefixFrom(netip.AddrFrom4([4]byte{172, byte(30 + instance), 0, 0}), 24)
+	p.PodSupernet = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(244 + instance), 0, 0}), 16)
+	p.ServiceCIDR = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(96 + instance), 0, 0}), 16)
+	return p
+}
+
 // MaxNodes bounds Nodes: node addresses are .10+i in a /24 and pod CIDRs
 // are /24s of a /16.
 const MaxNodes = 200
@@ -63,6 +82,10 @@ func (p Plan) Validate() error {
 	}
 	return nil
 }
+
+// ClusterDNS is the address pods get as their nameserver (.10 of the
+// service range, as kubeadm clusters have it).
+func (p Plan) ClusterDNS() netip.Addr { return nth(p.ServiceCIDR.Masked(), 10) }
 
 // HostIP is the host's address on the underlay.
 func (p Plan) HostIP() netip.Addr { return nth(p.Underlay, 1) }

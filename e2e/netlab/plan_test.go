@@ -3,6 +3,7 @@ package netlab
 import (
 	"encoding/json"
 	"net/netip"
+	"strings"
 	"testing"
 )
 
@@ -97,5 +98,27 @@ func TestConflist_BridgeWithNodeRangeThenPortmap(t *testing.T) {
 	}
 	if _, err := Conflist(netip.MustParsePrefix("fd00::/64"), "/x"); err == nil {
 		t.Error("Conflist accepted an IPv6 pod CIDR")
+	}
+}
+
+// Instances side by side share no name, address range or prefix.
+func TestPlanFor_InstancesAreDisjoint(t *testing.T) {
+	var plans []Plan
+	for i := 0; i < MaxInstances; i++ {
+		p := PlanFor(i, 3)
+		if err := p.Validate(); err != nil {
+			t.Fatalf("instance %d: %v", i, err)
+		}
+		for j, q := range plans {
+			if p.Prefix == q.Prefix || strings.HasPrefix(p.Prefix, q.Prefix+"-") || p.Underlay.Overlaps(q.Underlay) ||
+				p.PodSupernet.Overlaps(q.PodSupernet) || p.ServiceCIDR.Overlaps(q.ServiceCIDR) ||
+				p.PodSupernet.Overlaps(q.ServiceCIDR) || p.ServiceCIDR.Overlaps(q.PodSupernet) {
+				t.Errorf("instances %d and %d overlap: %+v %+v", j, i, q, p)
+			}
+		}
+		plans = append(plans, p)
+	}
+	if PlanFor(0, 2) != DefaultPlan(2) {
+		t.Error("instance 0 is not the default plan")
 	}
 }

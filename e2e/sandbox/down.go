@@ -40,7 +40,7 @@ func Down(ctx context.Context, stateDir string, log *slog.Logger) error {
 		if !errors.Is(err, os.ErrNotExist) {
 			log.Warn("sandbox state unreadable; removing by names", "err", err)
 		}
-		st = &State{Prefix: netlab.DefaultPlan(1).Prefix}
+		st = &State{Prefix: netlab.PlanFor(InstanceFromEnv(), 1).Prefix, Instance: InstanceFromEnv()}
 		if left, lerr := Leftovers(stateDir, st.Prefix); lerr == nil && len(left) == 0 {
 			log.Debug("no sandbox to remove", "state", stateDir)
 			return nil
@@ -102,7 +102,7 @@ func Leftovers(stateDir, prefix string) ([]string, error) {
 	if _, err := os.Stat(stateDir); err == nil {
 		out = append(out, "state dir "+stateDir)
 	}
-	plan := netlab.DefaultPlan(1)
+	plan := netlab.PlanFor(instanceOfPrefix(prefix), 1)
 	plan.Prefix = prefix
 	nl, err := netlab.Leftovers(plan)
 	if err != nil {

@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/meshlite/meshlite/e2e/cluster"
+	"github.com/meshlite/meshlite/e2e/netlab"
 )
 
 // ModulePath is the repository's Go module, used to recognise its root.
@@ -22,12 +24,37 @@ const CNIPluginsVersion = "v1.6.2"
 // $MESHLITE_SANDBOX_DIR names another.
 const DefaultStateDir = "/var/lib/meshlite-sandbox"
 
-// StateDirFromEnv returns $MESHLITE_SANDBOX_DIR or DefaultStateDir.
+// StateDirFromEnv returns $MESHLITE_SANDBOX_DIR, or the state dir of the
+// instance $MESHLITE_SANDBOX_INSTANCE names (DefaultStateDir for 0).
 func StateDirFromEnv() string {
 	if d := os.Getenv("MESHLITE_SANDBOX_DIR"); d != "" {
 		return absDir(d)
 	}
+	if i := InstanceFromEnv(); i > 0 {
+		return fmt.Sprintf("%s-%d", DefaultStateDir, i)
+	}
 	return DefaultStateDir
+}
+
+// InstanceFromEnv is $MESHLITE_SANDBOX_INSTANCE: several sandboxes can run
+// side by side (developers running suites in parallel), each with its own
+// names, addresses, ports and state dir. Unset or invalid means 0.
+func InstanceFromEnv() int {
+	i, err := strconv.Atoi(os.Getenv("MESHLITE_SANDBOX_INSTANCE"))
+	if err != nil || i < 0 || i >= netlab.MaxInstances {
+		return 0
+	}
+	return i
+}
+
+// instanceOfPrefix inverts netlab.PlanFor's prefix.
+func instanceOfPrefix(prefix string) int {
+	for i := 1; i < netlab.MaxInstances; i++ {
+		if netlab.PlanFor(i, 1).Prefix == prefix {
+			return i
+		}
+	}
+	return 0
 }
 
 // absDir makes a state dir absolute and clean: it is compared with

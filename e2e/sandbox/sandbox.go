@@ -64,7 +64,7 @@ func open(dir string, st *State, log *slog.Logger) (*Sandbox, error) {
 }
 
 func planFor(st *State) netlab.Plan {
-	p := netlab.DefaultPlan(st.Nodes)
+	p := netlab.PlanFor(st.Instance, st.Nodes)
 	if st.Prefix != "" {
 		p.Prefix = st.Prefix
 	}

@@ -12,6 +12,8 @@ import (
 type State struct {
 	Nodes  int    `json:"nodes"`
 	Prefix string `json:"prefix"`
+	// Instance picks the addresses and names (netlab.PlanFor).
+	Instance int `json:"instance,omitempty"`
 	// Ready is set once `up` finished; a state that is not Ready is a
 	// failed or interrupted `up`.
 	Ready bool `json:"ready"`

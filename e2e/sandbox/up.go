@@ -24,7 +24,7 @@ import (
 
 // Cluster-wide addresses and names kubelet-lite passes to pods.
 const (
-	ClusterDNS    = "10.96.0.10"
+	ClusterDNS    = "10.96.0.10" // instance 0; netlab.Plan.ClusterDNS in general
 	ClusterDomain = "cluster.local"
 	// KubeletPort is where each kubelet-lite serves the kubelet API.
 	KubeletPort = 10250
@@ -171,7 +171,8 @@ func Up(ctx context.Context, opts Options) (sb *Sandbox, reused bool, err error)
 }
 
 func create(ctx context.Context, o Options) (*Sandbox, error) {
-	plan := netlab.DefaultPlan(o.Nodes)
+	instance := InstanceFromEnv()
+	plan := netlab.PlanFor(instance, o.Nodes)
 	if err := plan.Validate(); err != nil {
 		return nil, err
 	}
@@ -185,6 +186,7 @@ func create(ctx context.Context, o Options) (*Sandbox, error) {
 	st := &State{
 		Nodes:      o.Nodes,
 		Prefix:     plan.Prefix,
+		Instance:   instance,
 		Persistent: o.Persistent,
 		StartedAt:  time.Now().UTC(),
 		RepoRoot:   o.RepoRoot,
@@ -218,7 +220,10 @@ func create(ctx context.Context, o Options) (*Sandbox, error) {
 		ServiceCIDR: plan.ServiceCIDR,
 		ClusterCIDR: plan.PodSupernet,
 		Nodes:       nodes,
-		Log:         o.Log,
+		// Instance 0 keeps the default ports; others sit beside it.
+		EtcdClientPort: etcdPort(instance, cluster.DefaultEtcdClientPort),
+		EtcdPeerPort:   etcdPort(instance, cluster.DefaultEtcdPeerPort),
+		Log:            o.Log,
 	}
 	layout, err := cluster.Start(ctx, ccfg)
 	if err != nil {
@@ -245,6 +250,14 @@ func create(ctx context.Context, o Options) (*Sandbox, error) {
 		return nil, err
 	}
 	return sb, nil
+}
+
+// etcdPort moves a default etcd port out of the way of other instances.
+func etcdPort(instance, def int) int {
+	if instance == 0 {
+		return def
+	}
+	return def + 1000 + 2*instance
 }
 
 // kubeletLog and kubeletPid are node i's kubelet log and pid files.
@@ -287,7 +300,8 @@ func (s *Sandbox) startNode(i int, l cluster.Layout, server string, o Options) e
 		CNICacheDir:   root.CNICache,
 		PodsDir:       podsDir,
 		ImageBinDirs:  o.ImageBinDirs,
-		ClusterDNS:    ClusterDNS,
+		ClusterDNS:    p.ClusterDNS().String(),
+		NetnsPrefix:   s.PodNetnsName(""),
 		ClusterDomain: ClusterDomain,
 		ServingCert:   cert,
 		ServingKey:    key,

@@ -239,7 +239,7 @@ func TestNetwork_PodReachesPodOnOtherNodeAndHostReachesPods(t *testing.T) {
 
 	// The kubernetes Service VIP leads pods to the apiserver, which
 	// answers a plaintext request on its TLS port with 400.
-	if out, err := e.kubectl(ctx, "", "exec", a.Name, "--", "echo", "client", "-expect-status", "400", "http://10.96.0.1:443/"); err != nil {
+	if out, err := e.kubectl(ctx, "", "exec", a.Name, "--", "echo", "client", "-expect-status", "400", "http://"+e.sb.Plan.ServiceCIDR.Masked().Addr().Next().String()+":443/"); err != nil {
 		t.Errorf("pod -> kubernetes Service VIP: %v\n%s", err, out)
 	}
 }
@@ -265,8 +265,8 @@ func TestKubectl_LogsExecAndPortForward(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines := strings.Split(out, "\n")
-	if len(lines) < 3 || lines[0] != pod.Name || lines[1] != pod.Name || !strings.Contains(out, "nameserver "+sandbox.ClusterDNS) {
-		t.Errorf("kubectl exec output:\n%s\nwant the pod name twice and nameserver %s", out, sandbox.ClusterDNS)
+	if len(lines) < 3 || lines[0] != pod.Name || lines[1] != pod.Name || !strings.Contains(out, "nameserver "+e.sb.Plan.ClusterDNS().String()) {
+		t.Errorf("kubectl exec output:\n%s\nwant the pod name twice and nameserver %s", out, e.sb.Plan.ClusterDNS())
 	}
 	// A failing command's exit code comes back through the kubelet API.
 	if _, err := e.kubectl(ctx, "", "exec", pod.Name, "--", "sh", "-c", "exit 3"); err == nil || !strings.Contains(err.Error(), "exit status 3") {
