@@ -49,6 +49,12 @@ func main() {
 	flag.DurationVar(&cfg.MaxWorkloadTTL, "max-workload-cert-ttl", 90*24*time.Hour, "longest workload certificate lifetime a client may ask for")
 	flag.DurationVar(&cfg.Debounce, "push-debounce", 10*time.Millisecond, "quiet period before pushing changes")
 	flag.DurationVar(&cfg.MaxPushDelay, "push-max-delay", 100*time.Millisecond, "longest a change waits for quiet")
+	flag.StringVar(&cfg.Waypoints.Image, "waypoint-image", "meshlite/waypoint:dev", "image of the waypoint proxies deployed for istio-waypoint Gateways")
+	flag.StringVar(&cfg.Waypoints.XDSAddress, "proxy-xds-address", "", "address waypoints reach xDS and the CA at (default istiod.<namespace>.svc:15012)")
+	flag.StringVar(&cfg.Waypoints.XDSServerName, "proxy-xds-server-name", "", "DNS name waypoints verify istiod-lite's certificate for (default istiod.<namespace>.svc)")
+	flag.BoolVar(&cfg.LeaderElection, "leader-elect", false, "run the waypoint controller only on the replica holding the Lease (for more than one replica)")
+	flag.StringVar(&cfg.LeaseName, "leader-elect-lease", "istiod-lite-leader", "name of the leader-election Lease in -namespace")
+	flag.StringVar(&cfg.Identity, "leader-elect-identity", envOr("POD_NAME", hostname()), "this replica's name in the Lease")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.Parse()
 
@@ -87,6 +93,11 @@ func envOr(k, def string) string {
 		return v
 	}
 	return def
+}
+
+func hostname() string {
+	h, _ := os.Hostname()
+	return h
 }
 
 func splitList(s string) []string {

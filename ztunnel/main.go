@@ -11,11 +11,13 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/meshlite/meshlite/internal/kube"
 	"github.com/meshlite/meshlite/ztunnel/admin"
 	"github.com/meshlite/meshlite/ztunnel/app"
 	"github.com/meshlite/meshlite/ztunnel/certs"
+	"github.com/meshlite/meshlite/ztunnel/dns"
 	"github.com/meshlite/meshlite/ztunnel/inpod"
 	"github.com/meshlite/meshlite/ztunnel/proxy"
 )
@@ -44,6 +46,10 @@ func main() {
 	flag.StringVar(&cfg.MetricsAddr, "metrics-addr", admin.DefaultMetricsAddr, "Prometheus metrics endpoint (empty: off)")
 	flag.StringVar(&cfg.ReadyAddr, "ready-addr", admin.DefaultReadyAddr, "readiness endpoint /healthz/ready (empty: off)")
 	flag.DurationVar(&cfg.CertTTL, "cert-ttl", 0, "workload certificate lifetime to ask for (0: the CA's default)")
+	flag.StringVar(&cfg.ResolvConf, "dns-resolv-conf", dns.DefaultResolvConf, "resolv.conf naming the DNS proxy's upstream resolvers")
+	flag.DurationVar(&cfg.DNSTimeout, "dns-forward-timeout", 2*time.Second, "how long a forwarded DNS query may take before the pod gets SERVFAIL")
+	flag.DurationVar(&cfg.HandoverTimeout, "handover-timeout", 10*time.Second, "on SIGTERM, how long to keep accepting while waiting for a new ztunnel to listen in every pod (0: stop at once)")
+	flag.DurationVar(&cfg.DrainTimeout, "drain-timeout", 15*time.Second, "on SIGTERM, how long established connections may run on after accepting stops")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.Parse()
 

@@ -10,12 +10,15 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/meshlite/meshlite/bench/plot"
 )
 
 // Scenario is one named benchmark; Run measures all its rows in one go.
@@ -37,6 +40,32 @@ type Result struct {
 	// Values are the raw figures by row name and metric, for machines to read.
 	Values map[string]map[string]float64 `json:"values"`
 	Notes  []string                      `json:"notes,omitempty"`
+	// Charts are drawn by Write as <dir>/<scenario>[-<n>].png and linked
+	// from the scenario's section.
+	Charts []plot.Bars `json:"charts,omitempty"`
+}
+
+// Set records a raw figure; NaN and Inf (a row that did not run) are left
+// out, as JSON cannot carry them.
+func (r *Result) Set(row, metric string, v float64) {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return
+	}
+	if r.Values == nil {
+		r.Values = map[string]map[string]float64{}
+	}
+	if r.Values[row] == nil {
+		r.Values[row] = map[string]float64{}
+	}
+	r.Values[row][metric] = v
+}
+
+// ChartFile is the file name of the scenario's i-th chart.
+func (r Result) ChartFile(i int) string {
+	if i == 0 {
+		return r.Scenario + ".png"
+	}
+	return fmt.Sprintf("%s-%d.png", r.Scenario, i+1)
 }
 
 // Machine describes where a result was measured.
@@ -46,15 +75,25 @@ type Machine struct {
 	Memory string `json:"memory"`
 	Kernel string `json:"kernel"`
 	Go     string `json:"go"`
+	// LoadAvg is /proc/loadavg's 1-minute figure when the scenario started:
+	// other work on the machine's cores moves absolute numbers.
+	LoadAvg string `json:"load_avg,omitempty"`
 }
 
 // Markdown renders the result as a section of RESULTS.md.
 func (r Result) Markdown() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "## %s\n\n%s\n\n", r.Scenario, r.Description)
-	fmt.Fprintf(&b, "Measured %s with `%s` on %s (%d cores, %s), Linux %s, %s.\n\n",
-		r.Date.UTC().Format("2006-01-02 15:04 MST"), r.Command, r.Machine.CPU, r.Machine.Cores,
+	how := "`" + r.Command + "`"
+	if r.Argv != "" && r.Argv != r.Command {
+		how += " (`" + r.Argv + "`)"
+	}
+	fmt.Fprintf(&b, "Measured %s with %s on %s (%d cores, %s), Linux %s, %s.\n\n",
+		r.Date.UTC().Format("2006-01-02 15:04 MST"), how, r.Machine.CPU, r.Machine.Cores,
 		r.Machine.Memory, r.Machine.Kernel, r.Machine.Go)
+	if r.Machine.LoadAvg != "" {
+		fmt.Fprintf(&b, "1-minute load average when it started: %s. Every row shares the machine's %d cores with the rest of the machine's work, so absolute figures move with other load; the ratios between rows of one run are what to compare.\n\n", r.Machine.LoadAvg, r.Machine.Cores)
+	}
 	b.WriteString("| " + strings.Join(r.Columns, " | ") + " |\n")
 	b.WriteString("|" + strings.Repeat("---|", len(r.Columns)) + "\n")
 	for _, row := range r.Rows {
@@ -62,6 +101,9 @@ func (r Result) Markdown() string {
 	}
 	for _, n := range r.Notes {
 		b.WriteString("\n" + n + "\n")
+	}
+	for i, c := range r.Charts {
+		fmt.Fprintf(&b, "\n![%s](%s)\n", c.Title, r.ChartFile(i))
 	}
 	return b.String()
 }
@@ -103,6 +145,15 @@ func Write(dir, command, argv string, results []Result) error {
 	for _, n := range names {
 		list = append(list, all[n])
 		md.WriteString(all[n].Markdown() + "\n")
+		for i, c := range all[n].Charts {
+			png, err := c.PNG()
+			if err != nil {
+				return fmt.Errorf("chart of %s: %w", n, err)
+			}
+			if err := os.WriteFile(filepath.Join(dir, all[n].ChartFile(i)), png, 0o644); err != nil {
+				return fmt.Errorf("chart of %s: %w", n, err)
+			}
+		}
 	}
 	raw, err := json.MarshalIndent(list, "", "  ")
 	if err != nil {
@@ -143,6 +194,11 @@ func machine() Machine {
 	}
 	if raw, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = strings.TrimSpace(string(raw))
+	}
+	if raw, err := os.ReadFile("/proc/loadavg"); err == nil {
+		if f := strings.Fields(string(raw)); len(f) > 0 {
+			m.LoadAvg = f[0]
+		}
 	}
 	return m
 }

@@ -501,3 +501,54 @@ func FuzzDecodeResponse(f *testing.F) {
 		}
 	})
 }
+
+// A restarting ztunnel's successor connects beside it: it is replayed every
+// pod with its netns while the old connection keeps holding them, so the
+// pods are held throughout; once the old one leaves, the new one holds
+// them alone and gets the new pods.
+func TestServer_SecondZtunnelGetsTheReplayWhileTheOldHolds(t *testing.T) {
+	fx := start(t)
+	if err := fx.srv.Add("uid-1", info("p"), netnsFile(t)); err != nil {
+		t.Fatal(err)
+	}
+	old := dial(t, fx.path)
+	if req, f := next(t, old); req.GetAdd().GetUid() != "uid-1" || f == nil {
+		t.Fatalf("old ztunnel's snapshot: %v (netns %v)", req, f)
+	}
+	old.Ack("")
+	if req, _ := next(t, old); req.GetSnapshotSent() == nil {
+		t.Fatalf("want SnapshotSent, got %v", req)
+	}
+	old.Ack("")
+	waitHeld(t, fx.srv, "uid-1", true)
+
+	newer := dial(t, fx.path)
+	req, f := next(t, newer)
+	if req.GetAdd().GetUid() != "uid-1" || f == nil {
+		t.Fatalf("successor's replay: %v (netns %v)", req, f)
+	}
+	if !fx.srv.Held("uid-1") {
+		t.Fatal("the pod is not held while the successor takes it")
+	}
+	newer.Ack("")
+	if req, _ := next(t, newer); req.GetSnapshotSent() == nil {
+		t.Fatalf("want SnapshotSent, got %v", req)
+	}
+	newer.Ack("")
+	old.Close()
+	deadline := time.Now().Add(2 * time.Second)
+	for fx.srv.Connected() != 1 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !fx.srv.Held("uid-1") {
+		t.Fatal("the pod is not held by the successor after the old ztunnel left")
+	}
+	if err := fx.srv.Add("uid-2", info("q"), netnsFile(t)); err != nil {
+		t.Fatal(err)
+	}
+	if req, _ := next(t, newer); req.GetAdd().GetUid() != "uid-2" {
+		t.Fatalf("successor got %v, want the new pod", req)
+	}
+	newer.Ack("")
+	waitHeld(t, fx.srv, "uid-2", true)
+}

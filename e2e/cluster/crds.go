@@ -20,6 +20,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/meshlite/meshlite/e2e/cluster/manifest"
+	policyv1alpha1 "github.com/meshlite/meshlite/istiod-lite/api/policy/v1alpha1"
 )
 
 // Modules whose CRDs the sandbox installs. The YAML is read from the Go
@@ -59,15 +60,21 @@ func ModuleDir(ctx context.Context, mod string) (string, error) {
 	return info.Dir, nil
 }
 
+// GatewayAPIChannel is the Gateway API release channel installed: the
+// experimental one, a superset of standard, because HTTPRoute's retry field
+// (which waypoints honour) is only there in v1.4; with the standard CRDs the
+// apiserver would silently drop it.
+const GatewayAPIChannel = "experimental"
+
 // CRDs returns the CustomResourceDefinitions the sandbox installs: the
-// Gateway API standard channel and Istio's AuthorizationPolicy and
-// PeerAuthentication.
+// Gateway API (GatewayAPIChannel), Istio's AuthorizationPolicy and
+// PeerAuthentication, and meshlite's TrafficPolicy.
 func CRDs(ctx context.Context) ([]*unstructured.Unstructured, error) {
 	gw, err := ModuleDir(ctx, GatewayAPIModule)
 	if err != nil {
 		return nil, err
 	}
-	std := filepath.Join(gw, "config", "crd", "standard")
+	std := filepath.Join(gw, "config", "crd", GatewayAPIChannel)
 	files, err := filepath.Glob(filepath.Join(std, "gateway.networking.k8s.io_*.yaml"))
 	if err != nil || len(files) == 0 {
 		return nil, fmt.Errorf("no Gateway API CRDs in %s (err %v)", std, err)
@@ -102,7 +109,11 @@ func CRDs(ctx context.Context) ([]*unstructured.Unstructured, error) {
 			return nil, fmt.Errorf("CRD %s not in %s", want, IstioAPIModule)
 		}
 	}
-	return out, nil
+	tp, err := manifest.Decode(policyv1alpha1.CRD)
+	if err != nil {
+		return nil, fmt.Errorf("decode the TrafficPolicy CRD: %w", err)
+	}
+	return append(out, tp...), nil
 }
 
 func decodeFile(path string) ([]*unstructured.Unstructured, error) {

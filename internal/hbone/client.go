@@ -172,8 +172,10 @@ func (cl *Client) Dial(ctx context.Context, req DialRequest) (Conn, error) {
 		}
 		conn, status, err := cl.open(ctx, pc, authority, hdrs)
 		if err != nil {
-			if attempt == 0 && ctx.Err() == nil && retryable(err) {
-				continue // the connection went away under us; try a fresh one
+			if attempt < 2 && ctx.Err() == nil && retryable(err) {
+				// The connection went away under us; try a fresh one (twice:
+				// a peer that is draining may refuse a first retry too).
+				continue
 			}
 			return nil, fmt.Errorf("hbone %s CONNECT %s via %s: %w", req.Transport, req.Target, req.Endpoint, err)
 		}

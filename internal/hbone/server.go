@@ -188,7 +188,10 @@ func isTemporary(err error) bool {
 
 // handshakeH2 runs the TLS handshake and reads the client preface.
 func (s *Server) handshakeH2(ctx context.Context, nc net.Conn) *h2Conn {
-	hctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
+	// A connection accepted just before shutdown still completes its
+	// handshake (bounded by the timeout) and is then drained, rather than
+	// failed half way.
+	hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.HandshakeTimeout)
 	defer cancel()
 	tc := tls.Server(nc, s.tlsH2)
 	if err := tc.HandshakeContext(hctx); err != nil {
@@ -240,7 +243,10 @@ func newConnInfo(t Transport, cs tls.ConnectionState, local, remote net.Addr) (*
 // serveH2Conn runs one HTTP/2 connection until it closes or ctx ends.
 func (s *Server) serveH2Conn(ctx context.Context, c *h2Conn) {
 	var handlers sync.WaitGroup
-	connCtx, cancel := context.WithCancel(ctx)
+	// Handlers outlive ctx while the connection drains: a tunnel being set
+	// up when the server stops (its handler dialling the app) completes;
+	// the context ends when the connection does.
+	connCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancel()
 	readDone := make(chan struct{})
 	c.newStream = func(st *h2Stream, fields []hpack.HeaderField) {

@@ -150,6 +150,14 @@ func (c *Client) Versions(typeURL string) map[string]string {
 	return out
 }
 
+// Connected reports whether a stream to the server is up (an on-demand
+// lookup can be answered now).
+func (c *Client) Connected() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stream != nil
+}
+
 // Subscribe asks for names of typeURL (on demand) now, or on the next
 // connection if disconnected.
 func (c *Client) Subscribe(typeURL string, names ...string) error {

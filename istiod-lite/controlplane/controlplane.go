@@ -30,12 +30,16 @@ import (
 
 	"github.com/meshlite/meshlite/internal/identity"
 	"github.com/meshlite/meshlite/internal/kube"
+	ixds "github.com/meshlite/meshlite/internal/xds"
 	"github.com/meshlite/meshlite/istiod-lite/authn"
 	"github.com/meshlite/meshlite/istiod-lite/ca"
 	"github.com/meshlite/meshlite/istiod-lite/debug"
+	"github.com/meshlite/meshlite/istiod-lite/leader"
 	"github.com/meshlite/meshlite/istiod-lite/model"
 	"github.com/meshlite/meshlite/istiod-lite/registry"
+	"github.com/meshlite/meshlite/istiod-lite/waypoints"
 	"github.com/meshlite/meshlite/istiod-lite/xds"
+	"github.com/meshlite/meshlite/proto/l7"
 )
 
 // Config is everything istiod-lite is told.
@@ -63,6 +67,16 @@ type Config struct {
 	WorkloadTTL         time.Duration
 	MaxWorkloadTTL      time.Duration
 
+	// Waypoints configures the waypoint Deployments (image, where they reach
+	// istiod-lite); the mesh fields come from Mesh.
+	Waypoints waypoints.Config
+	// LeaderElection, when set, runs the waypoint controller only on the
+	// replica holding Lease LeaseName in Namespace (Identity: this replica,
+	// its pod name). Without it this replica always leads.
+	LeaderElection bool
+	LeaseName      string
+	Identity       string
+
 	// Debounce and MaxPushDelay shape pushes.
 	Debounce, MaxPushDelay time.Duration
 	// Resync of the informers (0: none).
@@ -83,6 +97,8 @@ type ControlPlane struct {
 	xds       *xds.Server
 	caService *ca.Service
 	publisher *ca.RootPublisher
+	waypoints *waypoints.Controller
+	elector   *leader.Elector
 	promReg   *prometheus.Registry
 
 	grpcLis, debugLis, readyLis net.Listener
@@ -155,7 +171,7 @@ func New(ctx context.Context, cfg Config) (*ControlPlane, error) {
 	if err != nil {
 		return nil, err
 	}
-	cp.cache = xds.NewCache()
+	cp.cache = xds.NewCache(ixds.TypeAddress, ixds.TypeAuthorization, l7.TypeURL)
 	cp.registry, err = registry.New(cfg.Mesh, cp.informers, cp.cache, log.With("part", "registry"), cp.promReg)
 	if err != nil {
 		return nil, err
@@ -175,6 +191,29 @@ func New(ctx context.Context, cfg Config) (*ControlPlane, error) {
 		cp.cmFactory.Core().V1().ConfigMaps().Informer(), log.With("part", "root-publisher"))
 	if err != nil {
 		return nil, err
+	}
+
+	wcfg := cfg.Waypoints
+	wcfg.TrustDomain, wcfg.ClusterID, wcfg.DomainSuffix = cfg.Mesh.TrustDomain, cfg.Mesh.ClusterID, cfg.Mesh.DomainSuffix
+	if wcfg.XDSAddress == "" {
+		wcfg.XDSAddress = "istiod." + cfg.Namespace + ".svc:15012"
+	}
+	if wcfg.XDSServerName == "" {
+		wcfg.XDSServerName = "istiod." + cfg.Namespace + ".svc"
+	}
+	cp.waypoints, err = waypoints.New(kc, gc, cp.informers.Gateways, wcfg, log.With("part", "waypoints"))
+	if err != nil {
+		return nil, err
+	}
+	if cfg.LeaderElection {
+		if cfg.LeaseName == "" {
+			cfg.LeaseName = "istiod-lite-leader"
+		}
+		cp.elector, err = leader.New(leader.Config{Client: kc, Namespace: cfg.Namespace, Name: cfg.LeaseName,
+			Identity: cfg.Identity, Log: log.With("part", "leader")})
+		if err != nil {
+			return nil, err
+		}
 	}
 
 	if cp.grpcLis, err = net.Listen("tcp", cfg.GRPCAddr); err != nil {
@@ -224,6 +263,25 @@ func (cp *ControlPlane) Authority() *identity.Authority { return cp.authority }
 // XDS is the Delta ADS server.
 func (cp *ControlPlane) XDS() *xds.Server { return cp.xds }
 
+// Leading reports whether this replica runs the leader's parts now.
+func (cp *ControlPlane) Leading() bool { return cp.elector == nil || cp.elector.Leading() }
+
+// lead runs the leader's parts until ctx ends; a part that fails is
+// restarted after a pause, as leadership is not given up for it.
+func (cp *ControlPlane) lead(ctx context.Context) {
+	for ctx.Err() == nil {
+		err := cp.waypoints.Run(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		cp.log.Error("waypoint controller stopped; restarting it", "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
+}
+
 // Run serves until ctx ends, then stops the parts in reverse order.
 func (cp *ControlPlane) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
@@ -258,6 +316,13 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	goRun("xds-push", cp.xds.Run)
 	goRun("serving-cert", cp.serving.Run)
 	goRun("root-publisher", cp.publisher.Run)
+	// The waypoint controller writes cluster state: on the leader only.
+	if cp.elector != nil {
+		goRun("leader-election", func(ctx context.Context) error { return cp.elector.Run(ctx, cp.lead) })
+	} else {
+		wg.Add(1)
+		go func() { defer wg.Done(); cp.lead(ctx) }()
+	}
 
 	g := grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(cp.serving.TLSConfig())),

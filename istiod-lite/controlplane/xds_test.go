@@ -547,22 +547,16 @@ func TestXDS_PoliciesWaypointsAndPeerAuthentication(t *testing.T) {
 		return r.addresses[svcKey] != nil && r.addresses[svcKey].GetService().GetWaypoint() == nil
 	})
 
-	// A waypoint Gateway with an address binds the service (the namespace
-	// asks for it).
-	gw, err := env.gc.GatewayV1().Gateways(ns).Create(ctxT(t, 10*time.Second), &gatewayv1.Gateway{
+	// A waypoint Gateway binds the service (the namespace asks for it) once
+	// the waypoint controller has deployed it and published its address.
+	if _, err := env.gc.GatewayV1().Gateways(ns).Create(ctxT(t, 10*time.Second), &gatewayv1.Gateway{
 		ObjectMeta: metav1.ObjectMeta{Name: "waypoint"},
 		Spec: gatewayv1.GatewaySpec{GatewayClassName: "istio-waypoint",
 			Listeners: []gatewayv1.Listener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}}},
-	}, metav1.CreateOptions{})
-	if err != nil {
+	}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	ht := gatewayv1.HostnameAddressType
-	gw.Status.Addresses = []gatewayv1.GatewayStatusAddress{{Type: &ht, Value: "waypoint." + ns + ".svc.cluster.local"}}
-	if _, err := env.gc.GatewayV1().Gateways(ns).UpdateStatus(ctxT(t, 10*time.Second), gw, metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	rec.waitFor(t, "the service bound to the waypoint", 2*time.Second, func(r *recorder) bool {
+	rec.waitFor(t, "the service bound to the waypoint", 5*time.Second, func(r *recorder) bool {
 		return r.addresses[svcKey].GetService().GetWaypoint().GetHostname().GetHostname() == "waypoint."+ns+".svc.cluster.local"
 	})
 	if w := rec.workload(uid(ns, "web")); w.GetWaypoint() != nil {

@@ -18,6 +18,7 @@ import (
 	"github.com/meshlite/meshlite/istiod-lite/xds"
 
 	// The resource types, so their JSON form can be rendered.
+	"github.com/meshlite/meshlite/proto/l7"
 	_ "github.com/meshlite/meshlite/proto/security"
 	_ "github.com/meshlite/meshlite/proto/workload"
 )
@@ -26,7 +27,7 @@ import (
 //
 //	/debug/connections                 connected clients (JSON)
 //	/debug/config_dump?client=ID       what client ID holds, with content (JSON)
-//	/debug/resources[?type=address]    every resource served (JSON)
+//	/debug/resources[?type=address]    every resource served (JSON; types address, authorization, l7)
 //	/ready                             200 once the first full picture is published
 //	/metrics                           Prometheus
 //	/debug/pprof/                      Go profiles
@@ -51,7 +52,7 @@ func Handler(srv *xds.Server, g prometheus.Gatherer) http.Handler {
 	})
 	mux.HandleFunc("GET /debug/resources", func(w http.ResponseWriter, r *http.Request) {
 		out := map[string][]entry{}
-		for _, t := range []string{ixds.TypeAddress, ixds.TypeAuthorization} {
+		for _, t := range []string{ixds.TypeAddress, ixds.TypeAuthorization, l7.TypeURL} {
 			if q := r.URL.Query().Get("type"); q != "" && q != shortType(t) {
 				continue
 			}
@@ -112,6 +113,8 @@ func shortType(t string) string {
 		return "address"
 	case ixds.TypeAuthorization:
 		return "authorization"
+	case l7.TypeURL:
+		return "l7"
 	}
 	return t
 }

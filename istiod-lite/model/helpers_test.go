@@ -15,6 +15,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	policyv1alpha1 "github.com/meshlite/meshlite/istiod-lite/api/policy/v1alpha1"
 )
 
 // world builds a Builder over a Store holding objs.
@@ -39,6 +41,12 @@ func world(t *testing.T, cfg Config, objs ...any) *Builder {
 			s.SetAuthorizationPolicy(o)
 		case *PeerAuthentication:
 			s.SetPeerAuthentication(o)
+		case *gatewayv1.HTTPRoute:
+			s.SetHTTPRoute(o)
+		case *gatewayv1.GRPCRoute:
+			s.SetGRPCRoute(o)
+		case *policyv1alpha1.TrafficPolicy:
+			s.SetTrafficPolicy(o)
 		default:
 			t.Fatalf("world: unsupported object %T", o)
 		}

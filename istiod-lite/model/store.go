@@ -8,6 +8,8 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/types"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	policyv1alpha1 "github.com/meshlite/meshlite/istiod-lite/api/policy/v1alpha1"
 )
 
 // Store holds the Kubernetes objects the translation reads, indexed the way
@@ -22,6 +24,8 @@ type Store struct {
 	slices     *nsIndex[*discoveryv1.EndpointSlice]
 	gateways   *nsIndex[*gatewayv1.Gateway]
 	httpRoutes *nsIndex[*gatewayv1.HTTPRoute]
+	grpcRoutes *nsIndex[*gatewayv1.GRPCRoute]
+	traffic    *nsIndex[*policyv1alpha1.TrafficPolicy]
 	authz      *nsIndex[*AuthorizationPolicy]
 	peerAuths  *nsIndex[*PeerAuthentication]
 
@@ -30,6 +34,8 @@ type Store struct {
 	slicesByService map[string]map[string]struct{}
 	// routesByService: Service -> the HTTPRoutes attached to it.
 	routesByService map[types.NamespacedName]map[types.NamespacedName]struct{}
+	// grpcRoutesByService: Service -> the GRPCRoutes attached to it.
+	grpcRoutesByService map[types.NamespacedName]map[types.NamespacedName]struct{}
 }
 
 // NewStore returns an empty Store.
@@ -42,11 +48,15 @@ func NewStore() *Store {
 		slices:          newNSIndex[*discoveryv1.EndpointSlice](),
 		gateways:        newNSIndex[*gatewayv1.Gateway](),
 		httpRoutes:      newNSIndex[*gatewayv1.HTTPRoute](),
+		grpcRoutes:      newNSIndex[*gatewayv1.GRPCRoute](),
+		traffic:         newNSIndex[*policyv1alpha1.TrafficPolicy](),
 		authz:           newNSIndex[*AuthorizationPolicy](),
 		peerAuths:       newNSIndex[*PeerAuthentication](),
 		podsByNode:      map[string]map[types.NamespacedName]struct{}{},
 		slicesByService: map[string]map[string]struct{}{},
 		routesByService: map[types.NamespacedName]map[types.NamespacedName]struct{}{},
+
+		grpcRoutesByService: map[types.NamespacedName]map[types.NamespacedName]struct{}{},
 	}
 }
 
@@ -365,6 +375,110 @@ func HTTPRouteServices(rt *gatewayv1.HTTPRoute) []types.NamespacedName {
 	}
 	return out
 }
+
+// GRPCRoutes, indexed by the Services they attach to, as HTTPRoutes.
+
+func (s *Store) SetGRPCRoute(o *gatewayv1.GRPCRoute) {
+	if old, ok := s.grpcRoutes.get(o.Namespace, o.Name); ok {
+		unindexParents(s.grpcRoutesByService, old.Namespace, old.Name, ServiceParents(old.Namespace, old.Spec.ParentRefs))
+	}
+	s.grpcRoutes.set(o.Namespace, o.Name, o)
+	indexParents(s.grpcRoutesByService, o.Namespace, o.Name, ServiceParents(o.Namespace, o.Spec.ParentRefs))
+}
+
+func (s *Store) DeleteGRPCRoute(ns, name string) {
+	if old, ok := s.grpcRoutes.get(ns, name); ok {
+		unindexParents(s.grpcRoutesByService, ns, name, ServiceParents(old.Namespace, old.Spec.ParentRefs))
+	}
+	s.grpcRoutes.del(ns, name)
+}
+
+func (s *Store) GRPCRoute(ns, name string) *gatewayv1.GRPCRoute {
+	v, _ := s.grpcRoutes.get(ns, name)
+	return v
+}
+
+// GRPCRoutesOf lists the GRPCRoutes attached to Service ns/name, sorted by
+// namespace and name.
+func (s *Store) GRPCRoutesOf(ns, name string) []*gatewayv1.GRPCRoute {
+	var out []*gatewayv1.GRPCRoute
+	for _, k := range sortedKeys(s.grpcRoutesByService[types.NamespacedName{Namespace: ns, Name: name}]) {
+		if rt, ok := s.grpcRoutes.get(k.Namespace, k.Name); ok {
+			out = append(out, rt)
+		}
+	}
+	return out
+}
+
+func indexParents(idx map[types.NamespacedName]map[types.NamespacedName]struct{}, ns, name string, parents []types.NamespacedName) {
+	rk := types.NamespacedName{Namespace: ns, Name: name}
+	for _, svc := range parents {
+		m := idx[svc]
+		if m == nil {
+			m = map[types.NamespacedName]struct{}{}
+			idx[svc] = m
+		}
+		m[rk] = struct{}{}
+	}
+}
+
+func unindexParents(idx map[types.NamespacedName]map[types.NamespacedName]struct{}, ns, name string, parents []types.NamespacedName) {
+	rk := types.NamespacedName{Namespace: ns, Name: name}
+	for _, svc := range parents {
+		if m := idx[svc]; m != nil {
+			delete(m, rk)
+			if len(m) == 0 {
+				delete(idx, svc)
+			}
+		}
+	}
+}
+
+func sortedKeys(m map[types.NamespacedName]struct{}) []types.NamespacedName {
+	keys := make([]types.NamespacedName, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool { return keys[i].String() < keys[j].String() })
+	return keys
+}
+
+// ServiceParents lists the Services among parentRefs (kind Service in the
+// core group, GAMMA), the namespace defaulting to ns.
+func ServiceParents(ns string, refs []gatewayv1.ParentReference) []types.NamespacedName {
+	var out []types.NamespacedName
+	for _, p := range refs {
+		if p.Kind == nil || *p.Kind != "Service" {
+			continue
+		}
+		if p.Group != nil && *p.Group != "" && *p.Group != "core" {
+			continue
+		}
+		pns := ns
+		if p.Namespace != nil && *p.Namespace != "" {
+			pns = string(*p.Namespace)
+		}
+		k := types.NamespacedName{Namespace: pns, Name: string(p.Name)}
+		if !slices.Contains(out, k) {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// TrafficPolicies (meshlite's resilience policy).
+
+func (s *Store) SetTrafficPolicy(o *policyv1alpha1.TrafficPolicy) {
+	s.traffic.set(o.Namespace, o.Name, o)
+}
+func (s *Store) DeleteTrafficPolicy(ns, name string) { s.traffic.del(ns, name) }
+func (s *Store) TrafficPolicy(ns, name string) *policyv1alpha1.TrafficPolicy {
+	v, _ := s.traffic.get(ns, name)
+	return v
+}
+
+// TrafficPolicies lists the TrafficPolicies of ns, sorted by name.
+func (s *Store) TrafficPolicies(ns string) []*policyv1alpha1.TrafficPolicy { return s.traffic.list(ns) }
 
 // AuthorizationPolicies.
 

@@ -6,6 +6,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
@@ -14,6 +15,7 @@ import (
 	gatewayclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 	gatewayinformers "sigs.k8s.io/gateway-api/pkg/client/informers/externalversions"
 
+	policyv1alpha1 "github.com/meshlite/meshlite/istiod-lite/api/policy/v1alpha1"
 	"github.com/meshlite/meshlite/istiod-lite/model"
 )
 
@@ -21,11 +23,16 @@ import (
 // CA's pod index) may share them; add indexers and handlers before Start.
 type Informers struct {
 	Namespaces, Nodes, Pods, Services, EndpointSlices cache.SharedIndexInformer
-	// Gateways and HTTPRoutes are gateway.networking.k8s.io/v1 objects.
-	Gateways, HTTPRoutes cache.SharedIndexInformer
+	// Gateways, HTTPRoutes and GRPCRoutes are gateway.networking.k8s.io/v1
+	// objects.
+	Gateways, HTTPRoutes, GRPCRoutes cache.SharedIndexInformer
 	// AuthorizationPolicies and PeerAuthentications deliver
 	// security.istio.io/v1 objects as unstructured.
 	AuthorizationPolicies, PeerAuthentications cache.SharedIndexInformer
+	// TrafficPolicies deliver policy.meshlite.io/v1alpha1 objects as
+	// unstructured; nil when the cluster does not serve that API (the CRD
+	// is not installed): there are then no TrafficPolicies.
+	TrafficPolicies cache.SharedIndexInformer
 
 	kubeFactory    informers.SharedInformerFactory
 	gatewayFactory gatewayinformers.SharedInformerFactory
@@ -33,7 +40,9 @@ type Informers struct {
 }
 
 // NewInformers builds the informers (not started). Objects are trimmed of
-// what nothing here reads, which keeps a large cluster's memory down.
+// what nothing here reads, which keeps a large cluster's memory down. The
+// TrafficPolicy informer is made only when the apiserver serves that API,
+// so a cluster without the CRD still syncs.
 func NewInformers(kc kubernetes.Interface, gc gatewayclient.Interface, dc dynamic.Interface, resync time.Duration) (*Informers, error) {
 	kf := informers.NewSharedInformerFactory(kc, resync)
 	gf := gatewayinformers.NewSharedInformerFactory(gc, resync)
@@ -46,11 +55,15 @@ func NewInformers(kc kubernetes.Interface, gc gatewayclient.Interface, dc dynami
 		EndpointSlices:        kf.Discovery().V1().EndpointSlices().Informer(),
 		Gateways:              gf.Gateway().V1().Gateways().Informer(),
 		HTTPRoutes:            gf.Gateway().V1().HTTPRoutes().Informer(),
+		GRPCRoutes:            gf.Gateway().V1().GRPCRoutes().Informer(),
 		AuthorizationPolicies: df.ForResource(model.AuthorizationPolicyGVR).Informer(),
 		PeerAuthentications:   df.ForResource(model.PeerAuthenticationGVR).Informer(),
 		kubeFactory:           kf,
 		gatewayFactory:        gf,
 		dynFactory:            df,
+	}
+	if served(kc, policyv1alpha1.Resource) {
+		in.TrafficPolicies = df.ForResource(policyv1alpha1.Resource).Informer()
 	}
 	for _, inf := range in.all() {
 		if err := inf.SetTransform(trim); err != nil {
@@ -61,8 +74,27 @@ func NewInformers(kc kubernetes.Interface, gc gatewayclient.Interface, dc dynami
 }
 
 func (in *Informers) all() []cache.SharedIndexInformer {
-	return []cache.SharedIndexInformer{in.Namespaces, in.Nodes, in.Pods, in.Services, in.EndpointSlices,
-		in.Gateways, in.HTTPRoutes, in.AuthorizationPolicies, in.PeerAuthentications}
+	all := []cache.SharedIndexInformer{in.Namespaces, in.Nodes, in.Pods, in.Services, in.EndpointSlices,
+		in.Gateways, in.HTTPRoutes, in.GRPCRoutes, in.AuthorizationPolicies, in.PeerAuthentications}
+	if in.TrafficPolicies != nil {
+		all = append(all, in.TrafficPolicies)
+	}
+	return all
+}
+
+// served reports whether the apiserver serves r (a missing CRD is not an
+// error: the resource is then simply absent).
+func served(kc kubernetes.Interface, r schema.GroupVersionResource) bool {
+	l, err := kc.Discovery().ServerResourcesForGroupVersion(r.GroupVersion().String())
+	if err != nil {
+		return false
+	}
+	for _, x := range l.APIResources {
+		if x.Name == r.Resource {
+			return true
+		}
+	}
+	return false
 }
 
 // Start starts every informer; Shutdown stops them and waits.

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"reflect"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -20,8 +21,10 @@ import (
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	ixds "github.com/meshlite/meshlite/internal/xds"
+	policyv1alpha1 "github.com/meshlite/meshlite/istiod-lite/api/policy/v1alpha1"
 	"github.com/meshlite/meshlite/istiod-lite/model"
 	"github.com/meshlite/meshlite/istiod-lite/xds"
+	"github.com/meshlite/meshlite/proto/l7"
 	"github.com/meshlite/meshlite/proto/workload"
 )
 
@@ -43,10 +46,13 @@ const (
 	kindHTTPRoute
 	kindAuthz
 	kindPeerAuth
+	kindGRPCRoute
+	kindTraffic
 	kindSynced
 )
 
-var kindNames = [...]string{"namespace", "node", "pod", "service", "endpointslice", "gateway", "httproute", "authorizationpolicy", "peerauthentication", "synced"}
+var kindNames = [...]string{"namespace", "node", "pod", "service", "endpointslice", "gateway", "httproute", "authorizationpolicy",
+	"peerauthentication", "grpcroute", "trafficpolicy", "synced"}
 
 // event is one informer notification; old or cur is nil on add or delete.
 type event struct {
@@ -76,6 +82,8 @@ type Registry struct {
 	wpDeps    map[string]map[objRef]struct{}
 	objWP     map[objRef]string
 	paKeys    map[string]bool
+	// l7Keys are the ServiceConfig names published.
+	l7Keys map[string]bool
 
 	events    *prometheus.CounterVec
 	recompute prometheus.Histogram
@@ -97,6 +105,7 @@ func New(cfg model.Config, in *Informers, out Publisher, log *slog.Logger, reg p
 		wpDeps:    map[string]map[objRef]struct{}{},
 		objWP:     map[objRef]string{},
 		paKeys:    map[string]bool{},
+		l7Keys:    map[string]bool{},
 		events: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshlite_istiod_registry_events_total", Help: "Kubernetes object events processed, by kind."}, []string{"kind"}),
 		recompute: prometheus.NewHistogram(prometheus.HistogramOpts{
@@ -109,9 +118,12 @@ func New(cfg model.Config, in *Informers, out Publisher, log *slog.Logger, reg p
 	for k, inf := range map[kind]cache.SharedIndexInformer{
 		kindNamespace: in.Namespaces, kindNode: in.Nodes, kindPod: in.Pods, kindService: in.Services,
 		kindSlice: in.EndpointSlices, kindGateway: in.Gateways, kindHTTPRoute: in.HTTPRoutes, kindAuthz: in.AuthorizationPolicies,
-		kindPeerAuth: in.PeerAuthentications,
+		kindPeerAuth: in.PeerAuthentications, kindGRPCRoute: in.GRPCRoutes, kindTraffic: in.TrafficPolicies,
 	} {
 		k := k
+		if inf == nil {
+			continue // an API the cluster does not serve
+		}
 		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 			AddFunc:    func(o any) { r.enqueue(event{kind: k, cur: r.decode(k, o)}) },
 			UpdateFunc: func(o, n any) { r.enqueue(event{kind: k, old: r.decode(k, o), cur: r.decode(k, n)}) },
@@ -144,6 +156,8 @@ func (r *Registry) decode(k kind, o any) any {
 		v, err = model.DecodeAuthorizationPolicy(u)
 	case kindPeerAuth:
 		v, err = model.DecodePeerAuthentication(u)
+	case kindTraffic:
+		v, err = policyv1alpha1.Decode(u)
 	default:
 		return nil
 	}
@@ -220,12 +234,15 @@ func (r *Registry) process(batch []event) {
 		r.events.WithLabelValues(kindNames[e.kind]).Inc()
 		r.apply(e, &d)
 	}
-	addr, authz := r.recomputeDirty(&d)
+	addr, authz, l7c := r.recomputeDirty(&d)
 	if n := len(addr.set) + len(addr.remove); n > 0 {
 		r.out.Update(ixds.TypeAddress, addr.set, addr.remove)
 	}
 	if n := len(authz.set) + len(authz.remove); n > 0 {
 		r.out.Update(ixds.TypeAuthorization, authz.set, authz.remove)
+	}
+	if n := len(l7c.set) + len(l7c.remove); n > 0 {
+		r.out.Update(l7.TypeURL, l7c.set, l7c.remove)
 	}
 	r.recompute.Observe(time.Since(start).Seconds())
 	if d.synced {
@@ -372,16 +389,67 @@ func (r *Registry) apply(e event, d *dirty) {
 		} else {
 			return
 		}
-		// The Services it attaches to, before and after (GAMMA parentRefs).
-		// Their Workload API resources do not read routes, so this
-		// recomputes to the same versions and pushes nothing; it is where
-		// the waypoint's L7 configuration (issue 8) will hook in.
+		// The Services it attaches to, before and after (GAMMA parentRefs):
+		// their L7 configuration changes (their Workload API resources
+		// recompute to the same versions and push nothing).
 		for _, rt := range []*gatewayv1.HTTPRoute{old, cur} {
 			if rt == nil {
 				continue
 			}
 			for _, k := range model.HTTPRouteServices(rt) {
 				d.add(&d.services, k.Namespace, k.Name)
+			}
+		}
+	case kindGRPCRoute:
+		old, _ := e.old.(*gatewayv1.GRPCRoute)
+		cur, _ := e.cur.(*gatewayv1.GRPCRoute)
+		if cur != nil {
+			s.SetGRPCRoute(cur)
+		} else if old != nil {
+			s.DeleteGRPCRoute(old.Namespace, old.Name)
+		} else {
+			return
+		}
+		for _, rt := range []*gatewayv1.GRPCRoute{old, cur} {
+			if rt != nil {
+				for _, k := range model.ServiceParents(rt.Namespace, rt.Spec.ParentRefs) {
+					d.add(&d.services, k.Namespace, k.Name)
+				}
+			}
+		}
+	case kindTraffic:
+		old, _ := e.old.(*policyv1alpha1.TrafficPolicy)
+		cur, _ := e.cur.(*policyv1alpha1.TrafficPolicy)
+		if cur != nil {
+			s.SetTrafficPolicy(cur)
+		} else if old != nil {
+			s.DeleteTrafficPolicy(old.Namespace, old.Name)
+		} else {
+			return
+		}
+		// Its targets, before and after: Services, and the Services of
+		// targeted routes.
+		for _, p := range []*policyv1alpha1.TrafficPolicy{old, cur} {
+			if p == nil {
+				continue
+			}
+			for _, t := range p.Spec.TargetRefs {
+				switch t.Kind {
+				case "Service":
+					d.add(&d.services, p.Namespace, t.Name)
+				case "HTTPRoute":
+					if rt := s.HTTPRoute(p.Namespace, t.Name); rt != nil {
+						for _, k := range model.HTTPRouteServices(rt) {
+							d.add(&d.services, k.Namespace, k.Name)
+						}
+					}
+				case "GRPCRoute":
+					if rt := s.GRPCRoute(p.Namespace, t.Name); rt != nil {
+						for _, k := range model.ServiceParents(rt.Namespace, rt.Spec.ParentRefs) {
+							d.add(&d.services, k.Namespace, k.Name)
+						}
+					}
+				}
 			}
 		}
 	case kindAuthz:
@@ -398,6 +466,20 @@ func (r *Registry) apply(e event, d *dirty) {
 			return
 		}
 		d.add(&d.authz, ns, name)
+		// A policy for waypoints (targetRefs) changes the L7 configuration
+		// of every Service bound to a waypoint that it may target: those
+		// of its namespace, those behind the waypoints of its namespace,
+		// and, from the root namespace (GatewayClass), all of them.
+		if (old != nil && model.PolicyTargetsWaypoints(old)) || (cur != nil && model.PolicyTargetsWaypoints(cur)) {
+			for wp, refs := range r.wpDeps {
+				wns, _, _ := strings.Cut(wp, "/")
+				for ref := range refs {
+					if ref.kind == kindService && (ns == r.b.Config().RootNamespace || wns == ns || ref.key.Namespace == ns) {
+						d.add(&d.services, ref.key.Namespace, ref.key.Name)
+					}
+				}
+			}
+		}
 		r.markSelected(d, ns, func(p *corev1.Pod) bool {
 			return (old != nil && r.b.AuthorizationSelects(old, p.Namespace, p.Labels)) ||
 				(cur != nil && r.b.AuthorizationSelects(cur, p.Namespace, p.Labels))
@@ -476,7 +558,7 @@ func (c *changes) put(r *xds.Resource, err error) {
 }
 
 // recomputeDirty computes every marked resource from the store.
-func (r *Registry) recomputeDirty(d *dirty) (addr, authz changes) {
+func (r *Registry) recomputeDirty(d *dirty) (addr, authz, l7c changes) {
 	cfg := r.b.Config()
 	s := r.b.Store()
 	for k := range d.pods {
@@ -502,8 +584,23 @@ func (r *Registry) recomputeDirty(d *dirty) (addr, authz changes) {
 		svc := s.Service(k.Namespace, k.Name)
 		if svc == nil {
 			addr.remove = append(addr.remove, key)
+			r.removeL7(&l7c, key)
 			r.setDep(ref, "")
 			continue
+		}
+		sci := r.b.ServiceConfig(svc)
+		if len(sci.Warnings) > 0 {
+			r.log.Warn("waypoint configuration partly applied", "service", k.String(), "unsupported", sci.Warnings)
+		}
+		if sci.Config == nil {
+			r.removeL7(&l7c, key)
+		} else {
+			res, err := xds.NewResource(l7.TypeURL, key, sci.Config, nil, nil)
+			if res != nil {
+				res.Scope = sci.WaypointKey
+				r.l7Keys[key] = true
+			}
+			l7c.put(res, err)
 		}
 		info, err := r.b.Service(svc)
 		r.setDep(ref, info.WaypointKey)
@@ -577,12 +674,21 @@ func (r *Registry) recomputeDirty(d *dirty) (addr, authz changes) {
 		}
 		r.paKeys = keys
 	}
-	for _, err := range append(addr.errs, authz.errs...) {
+	for _, err := range append(append(addr.errs, authz.errs...), l7c.errs...) {
 		r.log.Error("cannot publish a resource", "err", err)
 	}
 	sort.Strings(addr.remove)
 	sort.Strings(authz.remove)
-	return addr, authz
+	sort.Strings(l7c.remove)
+	return addr, authz, l7c
+}
+
+// removeL7 removes a Service's L7 configuration if it was published.
+func (r *Registry) removeL7(c *changes, key string) {
+	if r.l7Keys[key] {
+		delete(r.l7Keys, key)
+		c.remove = append(c.remove, key)
+	}
 }
 
 // setDep records which waypoint Gateway an object's resource depends on.

@@ -13,6 +13,7 @@ import (
 
 	"github.com/meshlite/meshlite/istiod-lite/model"
 	"github.com/meshlite/meshlite/istiod-lite/xds"
+	"github.com/meshlite/meshlite/proto/l7"
 )
 
 // publisher records what the registry publishes per batch.
@@ -23,11 +24,20 @@ type publisher struct {
 
 func (p *publisher) Update(typeURL string, set []*xds.Resource, remove []string) int {
 	var b []string
+	// L7 configurations are told apart, with the waypoint they go to.
+	pfx := ""
+	if typeURL == l7.TypeURL {
+		pfx = "l7:"
+	}
 	for _, r := range set {
-		b = append(b, "+"+r.Name)
+		if r.Scope != "" {
+			b = append(b, "+"+pfx+r.Name+"@"+r.Scope)
+		} else {
+			b = append(b, "+"+pfx+r.Name)
+		}
 	}
 	for _, n := range remove {
-		b = append(b, "-"+n)
+		b = append(b, "-"+pfx+n)
 	}
 	sort.Strings(b)
 	p.batches = append(p.batches, b)
@@ -40,7 +50,7 @@ func testRegistry() (*Registry, *publisher) {
 	r := &Registry{
 		b: model.NewBuilder(model.Config{}, model.NewStore()), out: p, log: slog.New(slog.DiscardHandler),
 		sliceUIDs: map[types.NamespacedName][]string{}, wpDeps: map[string]map[objRef]struct{}{},
-		objWP: map[objRef]string{}, paKeys: map[string]bool{},
+		objWP: map[objRef]string{}, paKeys: map[string]bool{}, l7Keys: map[string]bool{},
 		events:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "e"}, []string{"kind"}),
 		recompute: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "h"}),
 	}
@@ -128,7 +138,11 @@ func TestRegistry_RecomputesOnlyWhatAChangeAffects(t *testing.T) {
 	gw := &gatewayv1.Gateway{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "wp"},
 		Spec:   gatewayv1.GatewaySpec{GatewayClassName: "istio-waypoint"},
 		Status: gatewayv1.GatewayStatus{Addresses: []gatewayv1.GatewayStatusAddress{{Type: &ht, Value: "wp.a.svc.cluster.local"}}}}
-	step("its waypoint appears", event{kind: kindGateway, cur: gw}, "+a/web.a.svc.cluster.local")
+	step("its waypoint appears", event{kind: kindGateway, cur: gw}, "+a/web.a.svc.cluster.local", "+l7:a/web.a.svc.cluster.local@a/wp")
+	gwGone := gw.DeepCopy()
+	gwGone.Status.Addresses = nil
+	step("its waypoint loses its address", event{kind: kindGateway, old: gw, cur: gwGone}, "+a/web.a.svc.cluster.local", "-l7:a/web.a.svc.cluster.local")
+	step("its waypoint is back", event{kind: kindGateway, old: gwGone, cur: gw}, "+a/web.a.svc.cluster.local", "+l7:a/web.a.svc.cluster.local@a/wp")
 	gw2 := &gatewayv1.Gateway{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "unrelated"}, Spec: gatewayv1.GatewaySpec{GatewayClassName: "istio-waypoint"}}
 	step("an unrelated gateway", event{kind: kindGateway, cur: gw2})
 }

@@ -28,7 +28,11 @@ type Resource struct {
 	// Services it backs, so an on-demand client that asked for a Service
 	// also gets its workloads.
 	MemberOf []string
-	Body     *anypb.Any
+	// Scope, when set, limits who receives the resource to the clients of
+	// that scope (a waypoint's L7 configuration goes only to the waypoint
+	// of that Gateway, "<ns>/<name>"); empty: every client.
+	Scope string
+	Body  *anypb.Any
 	// wire is the resource as it appears in a response: field
 	// DeltaDiscoveryResponse.resources with its discovery.Resource, encoded
 	// once here and copied verbatim into every response that carries it.
@@ -83,6 +87,9 @@ type table struct {
 	byName  map[string]*Resource
 	byAlias map[string]string
 	members map[string]map[string]struct{}
+	// scoped counts the resources with a Scope: a table without any keeps
+	// the shared full-push path.
+	scoped int
 }
 
 // NewCache returns an empty cache serving the given type URLs (the
@@ -121,7 +128,7 @@ func (c *Cache) Update(typeURL string, set []*Resource, remove []string) int {
 	changed := 0
 	for _, r := range set {
 		old := t.byName[r.Name]
-		if old != nil && old.Version == r.Version && equalStrings(old.Aliases, r.Aliases) && equalStrings(old.MemberOf, r.MemberOf) {
+		if old != nil && old.Version == r.Version && old.Scope == r.Scope && equalStrings(old.Aliases, r.Aliases) && equalStrings(old.MemberOf, r.MemberOf) {
 			continue
 		}
 		if old != nil {
@@ -130,7 +137,7 @@ func (c *Cache) Update(typeURL string, set []*Resource, remove []string) int {
 		t.sorted, t.snap = nil, nil
 		t.byName[r.Name] = r
 		t.index(r)
-		if old == nil || old.Version != r.Version {
+		if old == nil || old.Version != r.Version || old.Scope != r.Scope {
 			c.mark(typeURL, r.Name)
 			changed++
 		}
@@ -167,6 +174,9 @@ func (c *Cache) mark(typeURL, name string) {
 }
 
 func (t *table) index(r *Resource) {
+	if r.Scope != "" {
+		t.scoped++
+	}
 	for _, a := range r.Aliases {
 		t.byAlias[a] = r.Name
 	}
@@ -181,6 +191,9 @@ func (t *table) index(r *Resource) {
 }
 
 func (t *table) unindex(r *Resource) {
+	if r.Scope != "" {
+		t.scoped--
+	}
 	for _, a := range r.Aliases {
 		if t.byAlias[a] == r.Name {
 			delete(t.byAlias, a)
@@ -301,6 +314,14 @@ func (t *table) sortedLocked() []*Resource {
 		t.sorted = out
 	}
 	return t.sorted
+}
+
+// hasScoped reports whether some resource of typeURL has a Scope.
+func (c *Cache) hasScoped(typeURL string) bool {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	t := c.tables[typeURL]
+	return t != nil && t.scoped > 0
 }
 
 // snapshot is every resource of a type at one moment, prepared for the

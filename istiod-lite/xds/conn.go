@@ -26,9 +26,12 @@ const maxInFlight = 64
 // the state the debug endpoints read and the pending changes the push loop
 // adds.
 type conn struct {
-	id        string
-	caller    *authn.Caller
-	node      *corev3.Node
+	id     string
+	caller *authn.Caller
+	node   *corev3.Node
+	// scope is the waypoint Gateway ("<ns>/<name>") this client serves,
+	// empty for other clients: it sees scoped resources of that scope only.
+	scope     string
 	connected time.Time
 	srv       *Server
 	stream    discovery.AggregatedDiscoveryService_DeltaAggregatedResourcesServer
@@ -188,6 +191,21 @@ func (c *conn) handle(req *discovery.DeltaDiscoveryRequest) error {
 func (c *conn) fullDiffLocked(t string, sub *subscription) (res []*Resource, full *snapshot, removed []string) {
 	cache := c.srv.cache
 	snap := cache.snapshot(t)
+	if cache.hasScoped(t) {
+		// Only what this client may see; the shared body does not apply.
+		for _, r := range snap.all {
+			if c.visible(r) && sub.sent[r.Name] != r.Version {
+				res = append(res, r)
+			}
+		}
+		for n := range sub.sent {
+			if r := cache.Get(t, n); r == nil || !c.visible(r) {
+				removed = append(removed, n)
+			}
+		}
+		sort.Strings(removed)
+		return res, nil, removed
+	}
 	if len(sub.sent) == 0 {
 		return snap.all, snap, nil
 	}
@@ -218,7 +236,7 @@ func (c *conn) lookupLocked(t string, sub *subscription, asked []string) ([]*Res
 	var removed []string
 	for _, n := range asked {
 		r := cache.Resolve(t, n)
-		if r == nil {
+		if r == nil || !c.visible(r) {
 			removed = append(removed, n)
 			continue
 		}
@@ -227,13 +245,16 @@ func (c *conn) lookupLocked(t string, sub *subscription, asked []string) ([]*Res
 		}
 		for _, m := range cache.Members(t, r.Name) {
 			sub.names[m] = struct{}{}
-			if mr := cache.Get(t, m); mr != nil && sub.sent[m] != mr.Version {
+			if mr := cache.Get(t, m); mr != nil && c.visible(mr) && sub.sent[m] != mr.Version {
 				res = append(res, mr)
 			}
 		}
 	}
 	return res, removed
 }
+
+// visible reports whether this client may receive r.
+func (c *conn) visible(r *Resource) bool { return r.Scope == "" || r.Scope == c.scope }
 
 // wantsLocked reports whether a non-wildcard client subscribed to r, by
 // name, by alias or through a service r belongs to.
@@ -283,7 +304,7 @@ func (c *conn) push() error {
 		var removed []string
 		for _, n := range names {
 			r := cache.Get(t, n)
-			if r == nil {
+			if r == nil || !c.visible(r) {
 				if _, had := sub.sent[n]; had {
 					removed = append(removed, n)
 				}

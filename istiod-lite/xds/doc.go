@@ -1,7 +1,13 @@
 // Package xds serves the Workload API over Delta ADS
 // (envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources):
 // type.googleapis.com/istio.workload.Address and
-// type.googleapis.com/istio.security.Authorization.
+// type.googleapis.com/istio.security.Authorization, and the waypoints' L7
+// configuration, type.googleapis.com/meshlite.l7.ServiceConfig.
+//
+// A resource may be scoped to one waypoint Gateway ("<ns>/<name>"): only a
+// client whose node says it is that Gateway's waypoint (node id
+// "waypoint~...", metadata GATEWAY_NAME, and a token of the Gateway's
+// service account) receives it; every other client never learns it exists.
 //
 // The Cache holds every resource, marshalled once and versioned by content,
 // and records which names changed. The Server keeps per-client state (what

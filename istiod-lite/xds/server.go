@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,6 +21,7 @@ import (
 
 	ixds "github.com/meshlite/meshlite/internal/xds"
 	"github.com/meshlite/meshlite/istiod-lite/authn"
+	"github.com/meshlite/meshlite/proto/l7"
 )
 
 // Authenticator authenticates the caller of a stream.
@@ -196,7 +198,8 @@ func (s *Server) DeltaAggregatedResources(stream discovery.AggregatedDiscoverySe
 	case <-ctx.Done():
 		return nil
 	}
-	if err := checkNode(first.GetNode(), caller); err != nil {
+	scope, err := checkNode(first.GetNode(), caller)
+	if err != nil {
 		s.metrics.authFail.Inc()
 		s.log.Warn("xDS stream refused", "caller", caller.String(), "reason", err)
 		return err
@@ -215,12 +218,13 @@ func (s *Server) DeltaAggregatedResources(stream discovery.AggregatedDiscoverySe
 		id:        fmt.Sprintf("%s-%d", first.GetNode().GetId(), s.seq.Add(1)),
 		caller:    caller,
 		node:      first.GetNode(),
+		scope:     scope,
 		connected: time.Now(),
 		srv:       s,
 		stream:    stream,
 		subs:      map[string]*subscription{},
 		wake:      make(chan struct{}, 1),
-		log:       s.log.With("client", first.GetNode().GetId(), "caller", caller.String()),
+		log:       s.log.With("client", first.GetNode().GetId(), "caller", caller.String(), "waypoint", scope),
 	}
 	s.mu.Lock()
 	s.conns[c.id] = c
@@ -266,19 +270,34 @@ func streamEnd(err error) error {
 }
 
 // checkNode requires a node and checks its NAMESPACE and SERVICE_ACCOUNT
-// metadata, when given, against the caller's token.
-func checkNode(n *corev3.Node, caller *authn.Caller) error {
+// metadata, when given, against the caller's token. A waypoint (node id
+// "waypoint~...") names its Gateway in GATEWAY_NAME; it must run as that
+// Gateway's service account (the waypoint controller names it after the
+// Gateway) in the Gateway's namespace, and its scope, "<ns>/<gateway>", is
+// returned: it receives that waypoint's scoped resources and no other's.
+func checkNode(n *corev3.Node, caller *authn.Caller) (string, error) {
 	if n == nil || n.GetId() == "" {
-		return status.Error(codes.InvalidArgument, "the first request must carry a node with an id")
+		return "", status.Error(codes.InvalidArgument, "the first request must carry a node with an id")
 	}
 	fields := n.GetMetadata().GetFields()
 	if ns := fields[ixds.MetadataNamespace].GetStringValue(); ns != "" && ns != caller.Namespace {
-		return status.Errorf(codes.PermissionDenied, "node namespace %q does not match the token's %q", ns, caller.Namespace)
+		return "", status.Errorf(codes.PermissionDenied, "node namespace %q does not match the token's %q", ns, caller.Namespace)
 	}
 	if sa := fields[ixds.MetadataServiceAccount].GetStringValue(); sa != "" && sa != caller.ServiceAccount {
-		return status.Errorf(codes.PermissionDenied, "node service account %q does not match the token's %q", sa, caller.ServiceAccount)
+		return "", status.Errorf(codes.PermissionDenied, "node service account %q does not match the token's %q", sa, caller.ServiceAccount)
 	}
-	return nil
+	if !strings.HasPrefix(n.GetId(), l7.NodeType+"~") {
+		return "", nil
+	}
+	gw := fields[l7.MetadataGatewayName].GetStringValue()
+	if gw == "" {
+		return "", status.Errorf(codes.InvalidArgument, "a waypoint node must name its Gateway in metadata %s", l7.MetadataGatewayName)
+	}
+	if gw != caller.ServiceAccount {
+		return "", status.Errorf(codes.PermissionDenied, "waypoint of Gateway %s/%s must run as service account %s, not %s",
+			caller.Namespace, gw, gw, caller.ServiceAccount)
+	}
+	return caller.Namespace + "/" + gw, nil
 }
 
 // ClientStatus describes one connected client (for the debug endpoints).

@@ -10,7 +10,10 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -38,6 +41,11 @@ type Config struct {
 	// Ready is nil when ztunnel is ready to serve.
 	Ready    func() error
 	Gatherer prometheus.Gatherer
+	// Redirection, if set, checks a local pod's redirection by Workload
+	// uid (see Workload.Redirection).
+	Redirection func(ctx context.Context, uid string) (status, why string)
+	// Info, if set, describes this ztunnel (the dump's "ztunnel" object).
+	Info func() Info
 	// LogLevel is changed by POST /logging?level=...
 	LogLevel *slog.LevelVar
 	Log      *slog.Logger
@@ -48,6 +56,7 @@ type Server struct {
 	cfg     Config
 	servers []*http.Server
 	lns     []net.Listener
+	names   []string
 	addrs   map[string]net.Addr
 }
 
@@ -72,17 +81,43 @@ func New(cfg Config) (*Server, error) {
 		if l.addr == "" {
 			continue
 		}
-		ln, err := net.Listen("tcp", l.addr)
+		ln, err := reusePort.Listen(context.Background(), "tcp", l.addr)
 		if err != nil {
 			s.closeListeners()
 			return nil, fmt.Errorf("admin: listen for %s on %s: %w", l.name, l.addr, err)
 		}
 		s.lns = append(s.lns, ln)
+		s.names = append(s.names, l.name)
 		s.addrs[l.name] = ln.Addr()
 		s.servers = append(s.servers, &http.Server{Handler: l.h, ReadHeaderTimeout: 10 * time.Second,
 			ErrorLog: slog.NewLogLogger(cfg.Log.Handler(), slog.LevelDebug)})
 	}
 	return s, nil
+}
+
+// reusePort lets a ztunnel that replaces this one on the node (a rolling
+// update with surge) open the node endpoints while this one drains.
+var reusePort = net.ListenConfig{Control: func(network, address string, c syscall.RawConn) error {
+	var serr error
+	if err := c.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("set SO_REUSEPORT: %w", serr)
+	}
+	return nil
+}}
+
+// CloseReady closes the readiness listener: a draining ztunnel leaves the
+// node's readiness probes to its successor.
+func (s *Server) CloseReady() {
+	for i, l := range s.names {
+		if l == "ready" {
+			s.lns[i].Close()
+		}
+	}
 }
 
 func (s *Server) closeListeners() {
@@ -104,7 +139,7 @@ func (s *Server) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := srv.Serve(s.lns[i]); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err := srv.Serve(s.lns[i]); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 				errc <- fmt.Errorf("admin: serve on %s: %w", s.lns[i].Addr(), err)
 			}
 		}()
@@ -135,7 +170,19 @@ func writeJSON(w http.ResponseWriter, v any) {
 func (s *Server) adminMux() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /config_dump", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, BuildDump(s.cfg.Snapshot(), s.cfg.LocalPods(), s.cfg.Certificates(), s.cfg.Connections()))
+		d := BuildDump(s.cfg.Snapshot(), s.cfg.LocalPods(), s.cfg.Certificates(), s.cfg.Connections())
+		if s.cfg.Info != nil {
+			info := s.cfg.Info()
+			d.Ztunnel = &info
+		}
+		if s.cfg.Redirection != nil {
+			for i := range d.Workloads {
+				if w := &d.Workloads[i]; w.Local {
+					w.Redirection, w.RedirectionError = s.cfg.Redirection(r.Context(), w.UID)
+				}
+			}
+		}
+		writeJSON(w, d)
 	})
 	mux.HandleFunc("GET /debug/connections", func(w http.ResponseWriter, r *http.Request) {
 		conns := s.cfg.Connections()

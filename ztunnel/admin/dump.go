@@ -16,6 +16,8 @@ import (
 
 // ConfigDump is what /config_dump returns.
 type ConfigDump struct {
+	// Ztunnel says which ztunnel answered.
+	Ztunnel      *Info            `json:"ztunnel,omitempty"`
 	Workloads    []Workload       `json:"workloads"`
 	Services     []Service        `json:"services"`
 	Policies     []Policy         `json:"policies"`
@@ -46,6 +48,26 @@ type Workload struct {
 	// Local says this ztunnel holds the pod (its sockets are open in the
 	// pod's network namespace).
 	Local bool `json:"local"`
+	// Redirection is, for a local pod, "verified" (ztunnel found the
+	// in-pod rules hooked and its own listeners open in the pod's netns,
+	// checked within the last few seconds) or "missing" (with
+	// RedirectionError saying what); "" when the pod is not local.
+	Redirection      string `json:"redirection"`
+	RedirectionError string `json:"redirection_error,omitempty"`
+}
+
+// Info describes the ztunnel itself.
+type Info struct {
+	Node    string `json:"node"`
+	Version string `json:"version"`
+	// Tunnel is the outbound HBONE transport setting: h2, quic or auto.
+	Tunnel string `json:"tunnel"`
+	// Draining is true once the ztunnel was told to stop and hands its
+	// pods over / drains its connections.
+	Draining bool `json:"draining,omitempty"`
+	// H2Fallbacks are the endpoints auto mode remembered as unreachable
+	// over QUIC: tunnels to them use HTTP/2 until the time given.
+	H2Fallbacks []proxy.Fallback `json:"h2_fallbacks,omitempty"`
 }
 
 // Service is a Workload API service.

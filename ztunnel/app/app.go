@@ -13,7 +13,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
+	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -26,8 +29,11 @@ import (
 	"github.com/meshlite/meshlite/internal/xds"
 	"github.com/meshlite/meshlite/ztunnel/admin"
 	"github.com/meshlite/meshlite/ztunnel/certs"
+	"github.com/meshlite/meshlite/ztunnel/dns"
 	"github.com/meshlite/meshlite/ztunnel/inpod"
+	"github.com/meshlite/meshlite/ztunnel/podnet"
 	"github.com/meshlite/meshlite/ztunnel/proxy"
+	"github.com/meshlite/meshlite/ztunnel/redirection"
 	"github.com/meshlite/meshlite/ztunnel/state"
 )
 
@@ -60,6 +66,14 @@ type Config struct {
 	AdminAddr, MetricsAddr, ReadyAddr string
 	// CertTTL is the workload certificate lifetime asked for (0: the CA's).
 	CertTTL time.Duration
+	// ResolvConf names the upstream resolvers of the DNS proxy
+	// (/etc/resolv.conf); DNSTimeout bounds one forward (2 s).
+	ResolvConf string
+	DNSTimeout time.Duration
+	// HandoverTimeout bounds how long a stopping ztunnel keeps accepting
+	// while it waits for a successor to listen in every pod it holds;
+	// DrainTimeout how long established connections then run on.
+	HandoverTimeout, DrainTimeout time.Duration
 	// CertWait bounds how long a new pod's handover waits for its first
 	// certificate (2 s; the CNI agent waits 5 s for the answer).
 	CertWait time.Duration
@@ -127,8 +141,10 @@ type App struct {
 	ca       *certs.CAClient
 	certs    *certs.Manager
 	store    *state.Store
+	ondemand *onDemand
 	xds      *xds.Client
 	proxy    *proxy.Proxy
+	dns      *dns.Proxy
 	inpod    *inpod.Client
 	admin    *admin.Server
 
@@ -136,6 +152,15 @@ type App struct {
 	// Kubernetes uid of the pod instance serving it.
 	servedMu sync.Mutex
 	served   map[string]string
+
+	// netns holds, by Workload uid, the netns of each pod being served,
+	// for the redirection check; a check holds nsMu's read lock, so the
+	// netns cannot close under it.
+	nsMu     sync.RWMutex
+	netns    map[string]*podnet.NS
+	redirect redirection.Checker
+
+	draining atomic.Bool
 }
 
 // New builds every part; nothing runs until Run. Listeners of the admin
@@ -149,7 +174,7 @@ func New(cfg Config) (*App, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ztunnel config: trust domain: %w", err)
 	}
-	a := &App{cfg: cfg, log: cfg.Log, registry: prometheus.NewRegistry(), served: map[string]string{}}
+	a := &App{cfg: cfg, log: cfg.Log, registry: prometheus.NewRegistry(), served: map[string]string{}, netns: map[string]*podnet.NS{}}
 	a.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	part := func(name string) *slog.Logger { return cfg.Log.With("part", name) }
 	ok := false
@@ -172,6 +197,7 @@ func New(cfg Config) (*App, error) {
 		return nil, err
 	}
 	a.store = state.New(part("state"))
+	a.ondemand = newOnDemand(a.store, cfg.Network, part("ondemand"))
 	meta, err := structpb.NewStruct(map[string]any{
 		xds.MetadataNamespace: cfg.PodNamespace, xds.MetadataServiceAccount: cfg.ServiceAccount,
 		xds.MetadataName: cfg.PodName, xds.MetadataClusterID: cfg.ClusterID, "NODE_NAME": cfg.NodeName,
@@ -183,16 +209,28 @@ func New(cfg Config) (*App, error) {
 		Target: cfg.XDSAddress, TLS: certs.ControlPlaneTLS(a.roots, cfg.XDSServerName), Token: token,
 		Node:          &corev3.Node{Id: cfg.NodeID(), Cluster: cfg.ClusterID, Metadata: meta},
 		Subscriptions: []xds.Subscription{{TypeURL: xds.TypeAddress}, {TypeURL: xds.TypeAuthorization}},
-		Handler:       a.store, Log: part("xds"),
+		Handler:       a.ondemand, Log: part("xds"),
 	}); err != nil {
 		return nil, err
 	}
+	a.ondemand.xds = a.xds
 	metrics, err := proxy.NewMetrics(a.registry)
 	if err != nil {
 		return nil, err
 	}
 	if a.proxy, err = proxy.New(proxy.Config{State: a.store, Bundle: a.roots.Bundle(), TrustDomain: cfg.TrustDomain,
-		Network: cfg.Network, Tunnel: cfg.Tunnel, Metrics: metrics, Log: part("proxy")}); err != nil {
+		Network: cfg.Network, Tunnel: cfg.Tunnel, Metrics: metrics, DrainTimeout: cfg.DrainTimeout, Lookup: a.ondemand.Lookup, Log: part("proxy")}); err != nil {
+		return nil, err
+	}
+	var upstreams []netip.AddrPort
+	if cfg.ResolvConf != "" {
+		if upstreams, err = dns.ReadResolvConf(cfg.ResolvConf); err != nil {
+			// Mesh names are still answered; the rest is SERVFAIL.
+			a.log.Warn("DNS proxy has no upstream resolvers", "error", err)
+		}
+	}
+	if a.dns, err = dns.New(dns.Config{State: a.store, DomainSuffix: cfg.DomainSuffix, Network: cfg.Network,
+		Upstreams: upstreams, Timeout: cfg.DNSTimeout, Log: part("dns")}); err != nil {
 		return nil, err
 	}
 	if a.inpod, err = inpod.New(inpod.Config{Socket: cfg.ZDSSocket, Server: podServer{a}, Log: part("inpod")}); err != nil {
@@ -213,6 +251,7 @@ func New(cfg Config) (*App, error) {
 		AdminAddr: cfg.AdminAddr, MetricsAddr: cfg.MetricsAddr, ReadyAddr: cfg.ReadyAddr,
 		Snapshot: a.store.Snapshot, LocalPods: a.localPods, Certificates: a.certs.Statuses,
 		Connections: a.proxy.Connections, Ready: a.Ready, Gatherer: a.registry, LogLevel: cfg.LogLevel, Log: part("admin"),
+		Redirection: a.redirection, Info: a.info,
 	}); err != nil {
 		return nil, err
 	}
@@ -245,6 +284,9 @@ func (a *App) xdsSynced() bool {
 // Ready is nil once the first xDS state arrived and every pod held has
 // its certificate.
 func (a *App) Ready() error {
+	if a.draining.Load() {
+		return errors.New("draining: handing the pods over")
+	}
 	if !a.xdsSynced() {
 		return errors.New("waiting for the first xDS state from " + a.cfg.XDSAddress)
 	}
@@ -300,6 +342,7 @@ func (a *App) Run(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 		a.log.Info("ztunnel stopping")
+		a.handover(failed)
 	case err = <-failed:
 		a.log.Error("ztunnel stopping: a part failed", "error", err)
 	}
@@ -308,6 +351,113 @@ func (a *App) Run(ctx context.Context) error {
 		<-started[i].done
 	}
 	return err
+}
+
+// handover runs before a requested stop: this ztunnel stops being ready
+// and keeps accepting in every pod it holds until a successor (a new
+// ztunnel, handed the pods by the CNI agent) listens there beside it
+// (SO_REUSEPORT), or until HandoverTimeout. Then Run stops the parts: the
+// pods' listeners close (the successor's take every new connection) and
+// established connections drain for up to DrainTimeout.
+func (a *App) handover(failed <-chan error) {
+	a.draining.Store(true)
+	a.admin.CloseReady()
+	if a.cfg.HandoverTimeout <= 0 {
+		return
+	}
+	if !a.successorOnNode() {
+		a.log.Info("handover: no other ztunnel on this node; stopping accepting now")
+		return
+	}
+	start := time.Now()
+	deadline := time.NewTimer(a.cfg.HandoverTimeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		waiting := a.podsWithoutSuccessor()
+		if len(waiting) == 0 {
+			a.log.Info("handover: a successor listens in every pod; stopping accepting", "after", time.Since(start).Round(time.Millisecond))
+			return
+		}
+		select {
+		case <-deadline.C:
+			a.log.Warn("handover: no successor in time; stopping anyway (the pods' traffic fails closed until one comes)",
+				"pods", waiting, "waited", a.cfg.HandoverTimeout)
+			return
+		case err := <-failed:
+			a.log.Error("handover: a part failed", "error", err)
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// successorOnNode reports whether another ztunnel runs on the node: its
+// readiness listener shares the port this one just closed.
+func (a *App) successorOnNode() bool {
+	addr := a.admin.Addr("ready")
+	tcp, ok := addr.(*net.TCPAddr)
+	if !ok {
+		return false
+	}
+	n, err := redirection.ListenersHere(tcp.Port)
+	if err != nil {
+		a.log.Warn("handover: cannot tell whether a successor runs; waiting for one", "error", err)
+		return true
+	}
+	return n > 0
+}
+
+// podsWithoutSuccessor lists the held pods where this ztunnel's outbound
+// listener is still the only one.
+func (a *App) podsWithoutSuccessor() []string {
+	a.nsMu.RLock()
+	defer a.nsMu.RUnlock()
+	var out []string
+	for uid, ns := range a.netns {
+		n, err := redirection.Listeners(ns.File(), inpod.PortOutbound)
+		if err != nil || n < 2 {
+			out = append(out, uid)
+		}
+	}
+	return out
+}
+
+// info describes this ztunnel for /config_dump.
+func (a *App) info() admin.Info {
+	return admin.Info{Node: a.cfg.NodeName, Version: Version(), Tunnel: a.cfg.Tunnel.String(), Draining: a.draining.Load(),
+		H2Fallbacks: a.proxy.Fallbacks()}
+}
+
+// Version is the build's module version and VCS revision, when known.
+func Version() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "unknown"
+	}
+	v := bi.Main.Version
+	for _, s := range bi.Settings {
+		if s.Key == "vcs.revision" && len(s.Value) >= 12 {
+			v += "+" + s.Value[:12]
+		}
+		if s.Key == "vcs.modified" && s.Value == "true" {
+			v += "-dirty"
+		}
+	}
+	return v
+}
+
+// redirection checks, in the pod's netns, that its traffic is redirected to
+// this ztunnel (uid: Workload uid).
+func (a *App) redirection(ctx context.Context, uid string) (string, string) {
+	a.nsMu.RLock()
+	defer a.nsMu.RUnlock()
+	ns := a.netns[uid]
+	if ns == nil {
+		return redirection.Missing, "ztunnel holds no network namespace for the pod"
+	}
+	return a.redirect.Status(ctx, uid, ns.File())
 }
 
 // localPods lists the Workload API uids of the pods this ztunnel serves.
@@ -403,6 +553,17 @@ func (s podServer) Serve(ctx context.Context, p inpod.Pod, socks *inpod.Sockets)
 	a.hold(pod, p.UID)
 	defer a.certs.RemovePod(p.UID)
 	defer a.release(pod, p.UID)
+	a.nsMu.Lock()
+	a.netns[uid] = socks.NS
+	a.nsMu.Unlock()
+	defer func() {
+		a.nsMu.Lock()
+		if a.netns[uid] == socks.NS {
+			delete(a.netns, uid)
+			a.redirect.Forget(uid)
+		}
+		a.nsMu.Unlock()
+	}()
 	var wg sync.WaitGroup
 	serve := func(what string, f func() error) {
 		wg.Add(1)
@@ -417,6 +578,7 @@ func (s podServer) Serve(ctx context.Context, p inpod.Pod, socks *inpod.Sockets)
 	serve("plaintext", func() error { return a.proxy.ServePlaintext(ctx, socks.Plaintext, uid) })
 	serve("hbone", func() error { return a.proxy.ServeHBONE(ctx, socks.HBONE) })
 	serve("hbone-quic", func() error { return a.proxy.ServeHBONEQUIC(ctx, socks.HBONEUDP) })
-	// 15053 (DNS) stays open but unserved until ztunnel has a DNS proxy.
+	serve("dns-udp", func() error { return a.dns.ServeUDP(ctx, socks.DNSUDP, socks.NS) })
+	serve("dns-tcp", func() error { return a.dns.ServeTCP(ctx, socks.DNSTCP, socks.NS) })
 	wg.Wait()
 }

@@ -504,6 +504,11 @@ func TestApp_PodToPodThroughTheWholeZtunnel(t *testing.T) {
 		}
 		return len(conns) == 2
 	})
+	// Both ends name the app's own source address (the inbound side from
+	// the tunnel's Forwarded header, not the pooled connection's port).
+	if len(conns) == 2 && conns[0].Src != conns[1].Src {
+		t.Errorf("outbound and inbound entries disagree on the client: %s vs %s", conns[0].Src, conns[1].Src)
+	}
 	for _, ci := range conns {
 		if ci.Security != "mtls" || ci.Transport != "h2" {
 			t.Errorf("connection %+v", ci)
@@ -532,6 +537,16 @@ func TestApp_PodToPodThroughTheWholeZtunnel(t *testing.T) {
 	}
 	if len(dump.Workloads) != 2 || !dump.Workloads[0].Local || !dump.Workloads[1].Local {
 		t.Errorf("workloads %+v", dump.Workloads)
+	}
+	if z := dump.Ztunnel; z == nil || z.Node != "node-1" || z.Tunnel != "h2" || z.Version == "" {
+		t.Errorf("ztunnel object %+v", z)
+	}
+	// These test pods have a bare redirect, not the CNI's chains: ztunnel
+	// says what is missing rather than claiming the pod is captured.
+	for _, w := range dump.Workloads {
+		if w.Redirection != "missing" || !strings.Contains(w.RedirectionError, "ISTIO_OUTPUT") {
+			t.Errorf("workload %s: redirection %q (%s)", w.Name, w.Redirection, w.RedirectionError)
+		}
 	}
 	if len(dump.Certificates) != 2 || dump.Certificates[0].State != "valid" || dump.Certificates[1].State != "valid" {
 		t.Errorf("certificates %+v", dump.Certificates)

@@ -430,9 +430,25 @@ func (c *Client) stop(uid string) bool {
 	return true
 }
 
+// closeAll stops serving every pod when ztunnel stops: all pods at once,
+// each Serve stopping its listeners and draining its connections (bounded
+// by the server's drain period), then the sockets close.
 func (c *Client) closeAll() {
-	for _, uid := range c.Pods() {
-		c.stop(uid)
+	c.mu.Lock()
+	runs := make([]*podRun, 0, len(c.pods))
+	for uid, r := range c.pods {
+		runs = append(runs, r)
+		delete(c.pods, uid)
+	}
+	c.mu.Unlock()
+	for _, r := range runs {
+		r.cancel()
+	}
+	for _, r := range runs {
+		<-r.done
+		if err := r.sockets.Close(); err != nil {
+			c.log.Warn("closing pod sockets", "uid", r.pod.UID, "error", err)
+		}
 	}
 }
 
@@ -463,6 +479,14 @@ func OpenSockets(ctx context.Context, ns *podnet.NS) (*Sockets, error) {
 	}
 	if s.DNSUDP, err = ns.ListenUDP(ctx, netip.AddrPortFrom(wild, PortDNS)); err != nil {
 		return fail(err)
+	}
+	// When a ztunnel hands the pod over to its successor and closes its
+	// listeners, connections still in their accept queues move to the
+	// successor's listeners instead of being reset.
+	if err := ns.Do(func() error {
+		return os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte("1"), 0)
+	}); err != nil {
+		slog.Default().Debug("inpod: cannot enable tcp_migrate_req in pod netns", "error", err)
 	}
 	return s, nil
 }

@@ -57,6 +57,9 @@ func FromFile(f *os.File) (*NS, error) {
 // Close releases the descriptor (sockets made in the netns stay valid).
 func (n *NS) Close() error { return n.f.Close() }
 
+// File returns the netns file (valid until Close), for nsenter.
+func (n *NS) File() *os.File { return n.f }
+
 // Fd returns the netns descriptor (valid until Close).
 func (n *NS) Fd() uintptr { return n.f.Fd() }
 
@@ -65,14 +68,21 @@ func (n *NS) Fd() uintptr { return n.f.Fd() }
 func (n *NS) Do(fn func() error) error { return nsenter.Do(n.f, fn) }
 
 // control marks a socket and, when transparent, lets it bind a non-local
-// address.
-func control(transparent bool) func(network, address string, c syscall.RawConn) error {
+// address; reusePort lets a restarted ztunnel bind its listeners beside the
+// old one's (SO_REUSEPORT), so the pod is never without a listener.
+func control(transparent, reusePort bool) func(network, address string, c syscall.RawConn) error {
 	return func(network, address string, c syscall.RawConn) error {
 		var serr error
 		err := c.Control(func(fd uintptr) {
 			if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, Mark); serr != nil {
 				serr = fmt.Errorf("set SO_MARK: %w", serr)
 				return
+			}
+			if reusePort {
+				if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); serr != nil {
+					serr = fmt.Errorf("set SO_REUSEPORT: %w", serr)
+					return
+				}
 			}
 			if !transparent {
 				return
@@ -93,12 +103,13 @@ func control(transparent bool) func(network, address string, c syscall.RawConn) 
 	}
 }
 
-// Listen opens a marked TCP listener on addr in the netns.
+// Listen opens a marked TCP listener on addr in the netns (SO_REUSEPORT:
+// a successor ztunnel may listen beside it).
 func (n *NS) Listen(ctx context.Context, addr netip.AddrPort) (*net.TCPListener, error) {
 	var ln net.Listener
 	err := n.Do(func() error {
 		var err error
-		lc := net.ListenConfig{Control: control(false)}
+		lc := net.ListenConfig{Control: control(false, true)}
 		ln, err = lc.Listen(ctx, "tcp", addr.String())
 		return err
 	})
@@ -113,7 +124,7 @@ func (n *NS) ListenUDP(ctx context.Context, addr netip.AddrPort) (*net.UDPConn, 
 	var pc net.PacketConn
 	err := n.Do(func() error {
 		var err error
-		lc := net.ListenConfig{Control: control(false)}
+		lc := net.ListenConfig{Control: control(false, true)}
 		pc, err = lc.ListenPacket(ctx, "udp", addr.String())
 		return err
 	})
@@ -130,7 +141,7 @@ func (n *NS) ListenUDP(ctx context.Context, addr netip.AddrPort) (*net.UDPConn, 
 // The dialing goroutine keeps its thread in the netns until the connect
 // completes, so a slow connect occupies one OS thread.
 func (n *NS) DialTCP(ctx context.Context, src netip.Addr, dst netip.AddrPort, transparent bool) (*net.TCPConn, error) {
-	d := net.Dialer{Control: control(transparent)}
+	d := net.Dialer{Control: control(transparent, false)}
 	if src.IsValid() {
 		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
 	}
@@ -144,6 +155,23 @@ func (n *NS) DialTCP(ctx context.Context, src netip.Addr, dst netip.AddrPort, tr
 		return nil, fmt.Errorf("dial %s from pod netns: %w", dst, err)
 	}
 	return c.(*net.TCPConn), nil
+}
+
+// DialUDP opens a marked UDP socket in the netns connected to dst (the DNS
+// proxy's upstream queries: marked, so the pod's rules do not send them
+// back to ztunnel).
+func (n *NS) DialUDP(ctx context.Context, dst netip.AddrPort) (*net.UDPConn, error) {
+	d := net.Dialer{Control: control(false, false)}
+	var c net.Conn
+	err := n.Do(func() error {
+		var err error
+		c, err = d.DialContext(ctx, "udp", dst.String())
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dial udp %s from pod netns: %w", dst, err)
+	}
+	return c.(*net.UDPConn), nil
 }
 
 // OriginalDst returns the destination a REDIRECTed connection was sent to

@@ -49,7 +49,7 @@ func Evaluate(log *slog.Logger, c *Conn, pols []*Policy, missing []string) Decis
 		if ok && log != nil {
 			log.LogAttrs(context.Background(), slog.LevelInfo, "dry-run policy matched",
 				slog.String("policy", p.Key), slog.Int("rule", rule), slog.String("action", p.Action.String()),
-				slog.String("src.identity", c.Principal), slog.String("src.ip", c.Src.String()),
+				slog.String("src.identity", c.identity()), slog.String("src.ip", c.Src.String()),
 				slog.String("dst", c.Dst.String()))
 		}
 	}
@@ -74,7 +74,7 @@ func Evaluate(log *slog.Logger, c *Conn, pols []*Policy, missing []string) Decis
 	if !anyAllow {
 		if dryAllow && !dryAllowMatched && log != nil {
 			log.LogAttrs(context.Background(), slog.LevelInfo, "dry-run: no ALLOW policy would match",
-				slog.String("src.identity", c.Principal), slog.String("src.ip", c.Src.String()),
+				slog.String("src.identity", c.identity()), slog.String("src.ip", c.Src.String()),
 				slog.String("dst", c.Dst.String()))
 		}
 		return Decision{Allow: true, Rule: -1, Reason: ReasonNoAllowPolicies}
@@ -94,12 +94,18 @@ func Log(log *slog.Logger, c *Conn, dstWorkload string, d Decision) {
 	if !log.Enabled(context.Background(), lvl) {
 		return
 	}
-	src := c.Principal
-	if src == "" {
-		src = "none"
-	}
 	log.LogAttrs(context.Background(), lvl, msg,
-		slog.String("src.identity", src), slog.String("src.ip", c.Src.String()),
+		slog.String("src.identity", c.identity()), slog.String("src.ip", c.Src.String()),
 		slog.String("dst.workload", dstWorkload), slog.String("dst", c.Dst.String()),
 		slog.String("policy", d.Policy), slog.Int("rule", d.Rule), slog.String("reason", d.Reason))
+}
+
+// identity is the peer's SPIFFE ID as every ztunnel log line writes it
+// (with the spiffe:// scheme; Principal, the form policies match, has
+// none), or "none".
+func (c *Conn) identity() string {
+	if c.Principal == "" {
+		return "none"
+	}
+	return "spiffe://" + c.Principal
 }

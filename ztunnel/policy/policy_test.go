@@ -275,7 +275,7 @@ func TestEvaluate_LogsDryRunAndDenials(t *testing.T) {
 	out := buf.String()
 	for _, want := range []string{
 		"dry-run policy matched", "policy=ns/dry-deny",
-		"connection denied by policy", "src.identity=cluster.local/ns/default/sa/sleep", "src.ip=10.0.1.5",
+		"connection denied by policy", "src.identity=spiffe://cluster.local/ns/default/sa/sleep", "src.ip=10.0.1.5",
 		"dst.workload=default/httpbin-1", "dst=10.0.2.7:8080", "policy=ns/deny-all", "rule=0",
 	} {
 		if !strings.Contains(out, want) {

@@ -51,6 +51,10 @@ func (p *Proxy) inbound(ctx context.Context, r *hbone.Request) (net.Conn, error)
 			srcIP = r.Forwarded.Addr().Unmap()
 			src = netip.AddrPortFrom(srcIP, r.Forwarded.Port())
 		}
+	} else if fwd := r.Forwarded; fwd.IsValid() && fwd.Port() != 0 && fwd.Addr().Unmap() == srcIP {
+		// A peer's ztunnel names its app's port (the tunnel's own source
+		// port is the pooled connection's); the IP must be the peer's own.
+		src = netip.AddrPortFrom(srcIP, fwd.Port())
 	}
 	if err := p.authorize(srcIP, r.Target, r.PeerID, dstWl); err != nil {
 		return nil, err
@@ -129,7 +133,7 @@ func workloadName(w *workload.Workload) string {
 // policy allows it (PERMISSIVE: istiod-lite sends a DENY for peers without
 // identity when STRICT) and never to a destination bound to a waypoint.
 func (p *Proxy) ServePlaintext(ctx context.Context, ln net.Listener, uid string) error {
-	var t tracker
+	t := tracker{drain: p.cfg.DrainTimeout}
 	log := p.log.With("pod", uid, "direction", "inbound-plaintext")
 	return t.serve(ctx, ln, log, func(ctx context.Context, c net.Conn) { p.plaintext(ctx, c, uid, log) })
 }

@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -19,7 +21,7 @@ import (
 // ServeOutbound serves a pod's outbound capture listener (15001) until ctx
 // ends: each connection goes where its original destination resolves to.
 func (p *Proxy) ServeOutbound(ctx context.Context, ln net.Listener, uid string) error {
-	var t tracker
+	t := tracker{drain: p.cfg.DrainTimeout}
 	log := p.log.With("pod", uid, "direction", "outbound")
 	return t.serve(ctx, ln, log, func(ctx context.Context, c net.Conn) { p.outbound(ctx, c, uid, log) })
 }
@@ -55,6 +57,14 @@ func (p *Proxy) outbound(ctx context.Context, c net.Conn, uid string, log *slog.
 	}
 	srcWl := p.cfg.State.Workload(uid)
 	up, err := p.cfg.State.Resolve(srcWl, p.cfg.Network, dst)
+	if err == nil && up.Kind == state.Passthrough && up.Workload == nil && up.Service == nil && p.cfg.Lookup != nil {
+		// Unknown destination: it may be a pod or Service istiod-lite has
+		// not pushed yet. Ask, briefly, before deciding on passthrough.
+		lctx, cancel := context.WithTimeout(ctx, p.cfg.LookupTimeout)
+		p.cfg.Lookup(lctx, dst.Addr())
+		cancel()
+		up, err = p.cfg.State.Resolve(srcWl, p.cfg.Network, dst)
+	}
 	if err != nil {
 		log.Info("outbound: no route; refusing", "src", src, "dst", dst, "error", err)
 		p.metrics.refuse(Outbound, refusedNoRoute)
@@ -62,7 +72,7 @@ func (p *Proxy) outbound(ctx context.Context, c net.Conn, uid string, log *slog.
 		return
 	}
 	dctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
-	upstream, peer, tr, err := p.connectUpstream(dctx, pod, src.Addr(), up)
+	upstream, peer, tr, err := p.connectUpstream(dctx, pod, src, up)
 	cancel()
 	if err != nil {
 		lvl, reason := slog.LevelWarn, refusedUpstream
@@ -98,8 +108,9 @@ func (p *Proxy) outbound(ctx context.Context, c net.Conn, uid string, log *slog.
 }
 
 // connectUpstream opens the upstream side for up: a tunnel or a plain TCP
-// connection from the pod.
-func (p *Proxy) connectUpstream(ctx context.Context, pod *Pod, src netip.Addr, up state.Upstream) (net.Conn, spiffeid.ID, string, error) {
+// connection from the pod. Tunnels name the app's own address and port in
+// Forwarded, since many tunnels share one pooled connection's source port.
+func (p *Proxy) connectUpstream(ctx context.Context, pod *Pod, src netip.AddrPort, up state.Upstream) (net.Conn, spiffeid.ID, string, error) {
 	switch up.Kind {
 	case state.Direct:
 		peer, err := state.Identity(up.Workload, p.cfg.TrustDomain)
@@ -108,7 +119,7 @@ func (p *Proxy) connectUpstream(ctx context.Context, pod *Pod, src netip.Addr, u
 		}
 		ep := netip.AddrPortFrom(up.Addr.Addr(), p.cfg.HBONEPort)
 		c, tr, err := p.tunnel(ctx, hbone.DialRequest{Endpoint: ep, Target: up.Addr, Source: pod.SVID,
-			SourceAddr: src, PeerIDs: []spiffeid.ID{peer}})
+			SourceAddr: src.Addr(), Forwarded: src, PeerIDs: []spiffeid.ID{peer}})
 		return c, peer, tr, err
 	case state.ViaWaypoint:
 		peer, err := state.Identity(up.Waypoint.Workload, p.cfg.TrustDomain)
@@ -116,7 +127,7 @@ func (p *Proxy) connectUpstream(ctx context.Context, pod *Pod, src netip.Addr, u
 			return nil, spiffeid.ID{}, "", err
 		}
 		c, tr, err := p.tunnel(ctx, hbone.DialRequest{Endpoint: up.Waypoint.HBONE, Target: up.Addr, Source: pod.SVID,
-			SourceAddr: src, PeerIDs: []spiffeid.ID{peer}})
+			SourceAddr: src.Addr(), Forwarded: src, PeerIDs: []spiffeid.ID{peer}})
 		return c, peer, tr, err
 	default:
 		c, err := pod.Net.DialTCP(ctx, netip.Addr{}, up.Addr, false)
@@ -186,4 +197,26 @@ func (p *Proxy) rememberH2(ep netip.AddrPort) {
 		}
 	}
 	p.fallback[ep] = time.Now().Add(p.cfg.FallbackTTL)
+}
+
+// Fallback is an endpoint auto mode tunnels to over HTTP/2 after QUIC to
+// it failed, until Until.
+type Fallback struct {
+	Endpoint string    `json:"endpoint"`
+	Until    time.Time `json:"until"`
+}
+
+// Fallbacks lists the endpoints currently on HTTP/2 in auto mode.
+func (p *Proxy) Fallbacks() []Fallback {
+	p.fbMu.Lock()
+	defer p.fbMu.Unlock()
+	now := time.Now()
+	out := []Fallback{}
+	for ep, until := range p.fallback {
+		if now.Before(until) {
+			out = append(out, Fallback{Endpoint: ep.String(), Until: until})
+		}
+	}
+	slices.SortFunc(out, func(a, b Fallback) int { return strings.Compare(a.Endpoint, b.Endpoint) })
+	return out
 }

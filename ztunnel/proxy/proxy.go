@@ -108,7 +108,16 @@ type Config struct {
 	// FallbackTTL is how long an endpoint that failed QUIC gets HTTP/2 (10 min).
 	QUICAttemptTimeout time.Duration
 	FallbackTTL        time.Duration
-	Log                *slog.Logger
+	// Lookup, if set, asks the control plane about a destination IP the
+	// state does not know (on demand) and returns once it was answered or
+	// ctx ends; the proxy then resolves again.
+	Lookup func(ctx context.Context, ip netip.Addr)
+	// LookupTimeout bounds the wait for Lookup (1 s).
+	LookupTimeout time.Duration
+	// DrainTimeout is how long established connections may run on once
+	// their listener stops accepting (ztunnel stopping; 0: closed at once).
+	DrainTimeout time.Duration
+	Log          *slog.Logger
 	// Metrics receives connection metrics (NewMetrics); nil keeps them
 	// unregistered.
 	Metrics *Metrics
@@ -152,6 +161,9 @@ func New(cfg Config) (*Proxy, error) {
 	if cfg.QUICAttemptTimeout <= 0 {
 		cfg.QUICAttemptTimeout = time.Second
 	}
+	if cfg.LookupTimeout <= 0 {
+		cfg.LookupTimeout = time.Second
+	}
 	if cfg.FallbackTTL <= 0 {
 		cfg.FallbackTTL = 10 * time.Minute
 	}
@@ -188,8 +200,9 @@ func New(cfg Config) (*Proxy, error) {
 		// Any workload of the mesh's trust domain may connect; who may
 		// reach what is policy's job, after the handshake.
 		Authorize: identity.AuthorizeMemberOf(td),
-		Handler:   p.countRefusals(p.inbound),
-		Logger:    cfg.Log,
+		Handler:      p.countRefusals(p.inbound),
+		Logger:       cfg.Log,
+		DrainTimeout: cfg.DrainTimeout,
 	})
 	if err != nil {
 		p.client.Close()
@@ -272,21 +285,39 @@ func (p *Proxy) ServeHBONEQUIC(ctx context.Context, pc net.PacketConn) error {
 	return p.server.ServeH3(ctx, pc)
 }
 
-// tracker runs one goroutine per accepted connection and, when ctx ends,
-// closes the listener and every connection, then waits for them.
+// tracker runs one goroutine per accepted connection. When ctx ends it
+// closes the listener, lets the connections run on for drain, then closes
+// them and waits for them.
 type tracker struct {
-	wg sync.WaitGroup
+	wg    sync.WaitGroup
+	drain time.Duration
 }
 
 func (t *tracker) serve(ctx context.Context, ln net.Listener, log *slog.Logger, handle func(ctx context.Context, c net.Conn)) error {
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
+	// Connections outlive ctx by up to the drain period.
+	connCtx, cancelConns := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelConns()
+	wait := func() {
+		done := make(chan struct{})
+		go func() { t.wg.Wait(); close(done) }()
+		timer := time.NewTimer(t.drain)
+		defer timer.Stop()
+		select {
+		case <-done:
+			return
+		case <-timer.C:
+		}
+		cancelConns()
+		<-done
+	}
 	var delay time.Duration
 	for {
 		c, err := ln.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
-				t.wg.Wait()
+				wait()
 				return nil
 			}
 			var ne net.Error
@@ -297,6 +328,7 @@ func (t *tracker) serve(ctx context.Context, ln net.Listener, log *slog.Logger, 
 				time.Sleep(delay)
 				continue
 			}
+			cancelConns()
 			t.wg.Wait()
 			return fmt.Errorf("accept on %s: %w", ln.Addr(), err)
 		}
@@ -304,7 +336,7 @@ func (t *tracker) serve(ctx context.Context, ln net.Listener, log *slog.Logger, 
 		t.wg.Add(1)
 		go func() {
 			defer t.wg.Done()
-			cctx, cancel := context.WithCancel(ctx)
+			cctx, cancel := context.WithCancel(connCtx)
 			defer cancel()
 			stopc := context.AfterFunc(cctx, func() { c.Close() })
 			defer stopc()

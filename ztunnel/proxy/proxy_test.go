@@ -354,7 +354,7 @@ func TestInbound_Policy(t *testing.T) {
 		t.Fatal("connection denied by policy was served")
 	}
 	waitLog(t, e.logs, "connection denied by policy")
-	for _, want := range []string{"src.identity=cluster.local/ns/default/sa/sleep", "dst.workload=default/httpbin",
+	for _, want := range []string{"src.identity=spiffe://cluster.local/ns/default/sa/sleep", "dst.workload=default/httpbin",
 		"policy=\"\"", "reason=\"no ALLOW policy matched\"", "upstream refused"} {
 		if !strings.Contains(e.logs.String(), want) {
 			t.Errorf("log lacks %q:\n%s", want, e.logs)

@@ -1,0 +1,435 @@
+package waypointtest
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/meshlite/meshlite/e2e/echo"
+	"github.com/meshlite/meshlite/e2e/sandbox"
+	"github.com/meshlite/meshlite/internal/kube"
+)
+
+// The traffic tests: one namespace bound to a waypoint for all its traffic
+// (istio.io/waypoint-for: all), two echo versions on the two nodes, a
+// broken endpoint, and a client pod; Services for each behaviour so the
+// routes and policies of one do not touch another. Everything the client
+// sends goes client -> its ztunnel -> HBONE -> the waypoint -> HBONE ->
+// the endpoint's ztunnel -> the app.
+
+const trNS = "waypointtest-traffic"
+
+// trEnv is the traffic tests' state.
+type trEnv struct {
+	*wpEnv
+	t      *testing.T
+	vips   map[string]string // Service name -> ClusterIP
+	wpIP   string            // the waypoint pod's IP
+	wpPod  string
+	client *http.Client // from inside the client pod, keep-alive
+}
+
+func trEchoPod(name, node, sa string, labels map[string]string, httpPort int, probe bool) string {
+	var l []string
+	for k, v := range labels {
+		l = append(l, k+": "+strconv.Quote(v))
+	}
+	p := ""
+	if probe {
+		p = fmt.Sprintf(`
+    readinessProbe:
+      httpGet: {path: /ready, port: %d}
+      periodSeconds: 1`, httpPort)
+	}
+	return fmt.Sprintf(`
+apiVersion: v1
+kind: Pod
+metadata:
+  name: %[1]s
+  namespace: %[2]s
+  labels: {%[3]s}
+spec:
+  nodeName: %[4]s
+  serviceAccountName: %[5]s
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: echo
+    image: meshlite/echo:dev
+    args: [server, --http-ports, "%[6]d", --tcp-ports, "", --grpc-ports, ""]
+    env:
+    - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+    - {name: POD_NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
+    - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}%[7]s
+`, name, trNS, strings.Join(l, ", "), node, sa, httpPort, p)
+}
+
+func trService(name, selector string) string {
+	return fmt.Sprintf(`
+apiVersion: v1
+kind: Service
+metadata: {name: %s, namespace: %s}
+spec:
+  selector: {%s}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+`, name, trNS, selector)
+}
+
+// trResponse is one answer seen by the client.
+type trResponse struct {
+	code   int
+	header http.Header
+	fields echo.Fields
+	err    error
+}
+
+// get sends GET http://<vip of svc><path> from the client pod.
+func (e *trEnv) get(svc, path string, hdr ...string) trResponse {
+	ctx, cancel := context.WithTimeout(e.ctx, 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+net.JoinHostPort(e.vips[svc], "80")+path, nil)
+	if err != nil {
+		return trResponse{err: err}
+	}
+	req.Host = svc + "." + trNS + ".svc.cluster.local"
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := e.client.Do(req)
+	if err != nil {
+		return trResponse{err: err}
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return trResponse{code: resp.StatusCode, header: resp.Header, fields: echo.ParseFields(string(b)), err: err}
+}
+
+// waitConfig polls until cond holds for an answer of svc: the waypoint
+// has the configuration the test just applied.
+func (e *trEnv) waitConfig(what, svc, path string, cond func(trResponse) bool, hdr ...string) {
+	e.t.Helper()
+	var last trResponse
+	err := e.sb.WaitFor(e.ctx, 60*time.Second, what, func(context.Context) (bool, error) {
+		last = e.get(svc, path, hdr...)
+		return cond(last), nil
+	})
+	if err != nil {
+		e.t.Fatalf("%v (last answer: %d %v %v)\n%s", err, last.code, last.header, last.err, e.podLogs(trNS, "gateway.networking.k8s.io/gateway-name=waypoint"))
+	}
+}
+
+// requestsTotal sums the waypoint's istio_requests_total for a destination
+// Service name (read from the host, which reaches pod IPs).
+func (e *trEnv) requestsTotal(svc string) float64 {
+	e.t.Helper()
+	resp, err := http.Get("http://" + net.JoinHostPort(e.wpIP, "15020") + "/metrics")
+	if err != nil {
+		e.t.Fatalf("waypoint metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	var sum float64
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, "istio_requests_total{") || !strings.Contains(line, `destination_service_name="`+svc+`"`) ||
+			!strings.Contains(line, `reporter="waypoint"`) {
+			continue
+		}
+		v, err := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
+		if err == nil {
+			sum += v
+		}
+	}
+	return sum
+}
+
+// TestWaypointTraffic sends traffic through a waypoint deployed from a
+// Gateway and checks what the waypoint does with it, end to end.
+func TestWaypointTraffic(t *testing.T) {
+	w := wpStart(t)
+	e := &trEnv{wpEnv: w, t: t, vips: map[string]string{}}
+	cs := e.sb.Client()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+		defer cancel()
+		if err := cs.CoreV1().Namespaces().Delete(ctx, trNS, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+			t.Errorf("delete namespace %s: %v", trNS, err)
+		}
+		if err := sandbox.WaitFor(ctx, 80*time.Second, "namespace "+trNS+" gone", func(ctx context.Context) (bool, error) {
+			_, err := cs.CoreV1().Namespaces().Get(ctx, trNS, metav1.GetOptions{})
+			return apierrors.IsNotFound(err), nil
+		}); err != nil {
+			t.Error(err)
+		}
+	})
+	node0, node1 := e.sb.NodeName(0), e.sb.NodeName(1%e.sb.Plan.Nodes)
+	objs := fmt.Sprintf(`
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: %[1]s
+  labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: echo, namespace: %[1]s}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: client, namespace: %[1]s}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: waypoint
+  namespace: %[1]s
+  labels: {istio.io/waypoint-for: all}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - {name: mesh, port: 15008, protocol: HBONE}
+`, trNS)
+	objs += "---" + trEchoPod("echo-v1", node0, "echo", map[string]string{"app": "echo", "version": "v1", "flaky": "yes"}, 8080, true)
+	objs += "---" + trEchoPod("echo-v2", node1, "echo", map[string]string{"app": "echo", "version": "v2"}, 8080, true)
+	// Serves on 8081 only: every request the Service sends to its 8080 fails.
+	objs += "---" + trEchoPod("broken", node1, "echo", map[string]string{"flaky": "yes"}, 8081, false)
+	objs += "---" + trEchoPod("client", node0, "client", map[string]string{"app": "client"}, 8080, true)
+	for name, sel := range map[string]string{"echo": "app: echo", "echo-v1": "version: v1", "echo-v2": "version: v2",
+		"flaky": "flaky: \"yes\"", "limited": "app: echo", "guarded": "app: echo"} {
+		objs += "---" + trService(name, sel)
+	}
+	start := time.Now()
+	if _, err := e.sb.Apply(e.ctx, objs); err != nil {
+		t.Fatal(err)
+	}
+	wps, err := e.sb.WaitPodsRunning(e.ctx, trNS, "gateway.networking.k8s.io/gateway-name=waypoint", 1, 2*time.Minute)
+	if err != nil {
+		t.Fatalf("waypoint not ready: %v\n%s", err, e.podLogs(trNS, "gateway.networking.k8s.io/gateway-name=waypoint"))
+	}
+	e.wpIP, e.wpPod = wps[0].Status.PodIP, wps[0].Name
+	for _, sel := range []string{"app=echo", "app=client", "flaky=yes"} {
+		n := 2
+		if sel == "app=client" {
+			n = 1
+		}
+		pods, err := e.sb.WaitPodsRunning(e.ctx, trNS, sel, n, 2*time.Minute)
+		if err != nil {
+			t.Fatalf("pods %s: %v", sel, err)
+		}
+		for _, p := range pods {
+			if p.Annotations[kube.AnnotationRedirection] != kube.RedirectionEnabled {
+				t.Fatalf("pod %s is not redirected: %v", p.Name, p.Annotations)
+			}
+		}
+	}
+	svcs, err := cs.CoreV1().Services(trNS).List(e.ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range svcs.Items {
+		e.vips[s.Name] = s.Spec.ClusterIP
+	}
+	tr := &http.Transport{MaxIdleConnsPerHost: 4, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+		return e.sb.Dial(ctx, trNS, "client", addr)
+	}}
+	t.Cleanup(tr.CloseIdleConnections)
+	e.client = &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	e.waitConfig("the waypoint to serve echo", "echo", "/", func(r trResponse) bool { return r.err == nil && r.code == 200 })
+	t.Logf("waypoint %s (%s) serving %v after the Gateway", e.wpPod, e.wpIP, time.Since(start).Round(time.Millisecond))
+
+	t.Run("TrafficGoesThroughTheWaypoint", func(t *testing.T) {
+		before := e.requestsTotal("echo")
+		for i := 0; i < 10; i++ {
+			if r := e.get("echo", "/"); r.err != nil || r.code != 200 {
+				t.Fatalf("request %d: %d %v", i, r.code, r.err)
+			}
+		}
+		if got := e.requestsTotal("echo") - before; got < 10 {
+			t.Errorf("the waypoint's istio_requests_total for echo grew by %v over 10 requests", got)
+		}
+	})
+
+	t.Run("DirectAttemptBypassingTheWaypointIsRefused", func(t *testing.T) {
+		pod, err := cs.CoreV1().Pods(trNS).Get(e.ctx, "echo-v1", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The host is outside the mesh; plaintext straight to the pod would
+		// skip the waypoint, so the pod's ztunnel must refuse it.
+		c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+		resp, err := c.Get("http://" + net.JoinHostPort(pod.Status.PodIP, "8080") + "/")
+		if err == nil {
+			resp.Body.Close()
+			t.Fatalf("a plaintext request straight to %s got %d; want the connection refused", pod.Name, resp.StatusCode)
+		}
+		t.Logf("direct request refused: %v", err)
+	})
+
+	t.Run("WeightedSplitAndHeaderMatch", func(t *testing.T) {
+		if _, err := e.sb.Apply(e.ctx, fmt.Sprintf(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo-split, namespace: %s}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{headers: [{name: x-canary, value: "true"}]}]
+    backendRefs: [{name: echo-v2, port: 80}]
+    filters:
+    - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-route, value: canary}]}}
+  - backendRefs: [{name: echo-v1, port: 80, weight: 90}, {name: echo-v2, port: 80, weight: 10}]
+    filters:
+    - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-route, value: split}]}}
+`, trNS)); err != nil {
+			t.Fatal(err)
+		}
+		e.waitConfig("the split route at the waypoint", "echo", "/", func(r trResponse) bool { return r.header.Get("X-Route") == "split" })
+		counts := map[string]int{}
+		const n = 1000
+		start := time.Now()
+		for i := 0; i < n; i++ {
+			r := e.get("echo", "/")
+			if r.err != nil || r.code != 200 {
+				t.Fatalf("request %d: %d %v", i, r.code, r.err)
+			}
+			counts[r.fields.Get(echo.FieldPod)]++
+		}
+		t.Logf("%d requests in %v: %v", n, time.Since(start).Round(time.Millisecond), counts)
+		// Binomial(1000, 0.1): 3 standard deviations is about 28.
+		if v2 := counts["echo-v2"]; v2 < 70 || v2 > 130 || counts["echo-v1"]+v2 != n {
+			t.Errorf("split %v, want about 900/100", counts)
+		}
+		for i := 0; i < 20; i++ {
+			r := e.get("echo", "/", "x-canary", "true")
+			if r.code != 200 || r.fields.Get(echo.FieldPod) != "echo-v2" || r.header.Get("X-Route") != "canary" {
+				t.Fatalf("x-canary request answered by %q (%d, route %q)", r.fields.Get(echo.FieldPod), r.code, r.header.Get("X-Route"))
+			}
+		}
+	})
+
+	t.Run("RetriesHideAFailingEndpoint", func(t *testing.T) {
+		failed := 0
+		for i := 0; i < 40; i++ {
+			if r := e.get("flaky", "/"); r.err != nil || r.code != 200 {
+				failed++
+			}
+		}
+		if failed < 8 {
+			t.Fatalf("without retries %d of 40 requests to flaky failed; its broken endpoint is not failing half of them", failed)
+		}
+		t.Logf("without retries: %d of 40 failed", failed)
+		if _, err := e.sb.Apply(e.ctx, fmt.Sprintf(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: flaky-retry, namespace: %s}
+spec:
+  parentRefs: [{group: "", kind: Service, name: flaky, port: 80}]
+  rules:
+  - backendRefs: [{name: flaky, port: 80}]
+    retry: {attempts: 3, codes: [503], backoff: 10ms}
+    filters:
+    - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-route, value: retry}]}}
+`, trNS)); err != nil {
+			t.Fatal(err)
+		}
+		e.waitConfig("the retry route at the waypoint", "flaky", "/", func(r trResponse) bool { return r.header.Get("X-Route") == "retry" })
+		failed = 0
+		for i := 0; i < 100; i++ {
+			if r := e.get("flaky", "/"); r.err != nil || r.code != 200 {
+				failed++
+			}
+		}
+		if failed != 0 {
+			t.Errorf("with attempts=3, %d of 100 requests failed, want 0", failed)
+		}
+	})
+
+	t.Run("RateLimitAnswers429AboveIt", func(t *testing.T) {
+		if _, err := e.sb.Apply(e.ctx, fmt.Sprintf(`
+apiVersion: policy.meshlite.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: limited, namespace: %s}
+spec:
+  targetRefs: [{kind: Service, name: limited}]
+  rateLimit: {requestsPerSecond: 10, burst: 10}
+`, trNS)); err != nil {
+			t.Fatal(err)
+		}
+		// Polling alone stays under 10/s: each probe is a quick burst of 15.
+		e.waitConfig("the rate limit at the waypoint", "limited", "/", func(r trResponse) bool {
+			for i := 0; i < 15 && r.code != http.StatusTooManyRequests; i++ {
+				r = e.get("limited", "/")
+			}
+			return r.code == http.StatusTooManyRequests
+		})
+		time.Sleep(1500 * time.Millisecond) // let the bucket fill again
+		ok, limited := 0, 0
+		start := time.Now()
+		// 40 requests a second for 2 seconds.
+		for i := 0; time.Since(start) < 2*time.Second; i++ {
+			time.Sleep(time.Until(start.Add(time.Duration(i) * 25 * time.Millisecond)))
+			r := e.get("limited", "/")
+			switch {
+			case r.err != nil:
+				t.Fatal(r.err)
+			case r.code == 200:
+				ok++
+			case r.code == http.StatusTooManyRequests:
+				limited++
+				if r.header.Get("Retry-After") == "" {
+					t.Error("429 without retry-after")
+				}
+			default:
+				t.Fatalf("status %d", r.code)
+			}
+		}
+		el := time.Since(start).Seconds()
+		t.Logf("in %.2fs: %d allowed, %d answered 429", el, ok, limited)
+		if max := 10 + 10*el + 3; float64(ok) > max || limited == 0 {
+			t.Errorf("%d allowed in %.1fs (burst 10 + 10/s allows %.0f), %d limited", ok, el, max, limited)
+		}
+	})
+
+	t.Run("L7DenyByPath", func(t *testing.T) {
+		if _, err := e.sb.Apply(e.ctx, fmt.Sprintf(`
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: guarded-deny-admin, namespace: %s}
+spec:
+  targetRefs: [{kind: Service, group: "", name: guarded}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin*"]}}]
+`, trNS)); err != nil {
+			t.Fatal(err)
+		}
+		e.waitConfig("the deny policy at the waypoint", "guarded", "/admin/users", func(r trResponse) bool { return r.code == http.StatusForbidden })
+		if r := e.get("guarded", "/public"); r.code != 200 {
+			t.Errorf("/public: %d %v", r.code, r.err)
+		}
+		var logs strings.Builder
+		_ = e.sb.Logs(e.ctx, trNS, e.wpPod, "istio-proxy", false, &logs)
+		if !strings.Contains(logs.String(), `"msg":"request denied"`) || !strings.Contains(logs.String(), `"policy":"`+trNS+`/guarded-deny-admin"`) ||
+			!strings.Contains(logs.String(), `"src.identity":"cluster.local/ns/`+trNS+`/sa/client"`) {
+			t.Errorf("the waypoint did not log the denial with the source identity and the policy:\n%s", tailLines(logs.String(), 20))
+		}
+	})
+}
+
+func tailLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

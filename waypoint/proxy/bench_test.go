@@ -1,0 +1,50 @@
+package proxy
+
+import (
+	"io"
+	"net/http"
+	"testing"
+
+	"github.com/meshlite/meshlite/proto/l7"
+)
+
+// BenchmarkWaypoint measures requests through the whole engine on loopback:
+// client HBONE -> waypoint (route match, authz, rate-limit bookkeeping) ->
+// HBONE -> fake ztunnel -> app, with parallel clients.
+//
+//	go test ./waypoint/proxy -run '^$' -bench Waypoint -benchtime 3s
+func BenchmarkWaypoint(b *testing.B) {
+	for _, h2 := range []bool{false, true} {
+		name := "http1"
+		if h2 {
+			name = "h2c"
+		}
+		b.Run(name, func(b *testing.B) {
+			m := newMesh(b)
+			m.addService("echo", vip)
+			m.addEndpoint("echo", true, named("ok"))
+			m.bind("echo", &l7.ServiceConfig{HttpRoutes: []*l7.HTTPRoute{{Namespace: "default", Name: "r", Rules: []*l7.HTTPRouteRule{
+				{Matches: []*l7.HTTPRouteMatch{{Path: &l7.PathMatch{Value: "/api"}}}, BackendRefs: []*l7.BackendRef{ref("echo", 1)}},
+			}}}, AuthorizationPolicies: []*l7.AuthorizationPolicy{{Name: "deny-admin", Action: l7.AuthorizationPolicy_DENY,
+				Rules: []*l7.AuthorizationRule{{To: []*l7.Operation{{Paths: []string{"/admin*"}}}}}}}})
+			c := m.client(h2)
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					resp, err := c.Get("http://echo" + domain + "/api/x")
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != http.StatusOK {
+						b.Errorf("status %d", resp.StatusCode)
+						return
+					}
+				}
+			})
+		})
+	}
+}
