@@ -78,8 +78,10 @@ lint:
 	$(TOOLS)/staticcheck ./...
 	cd e2e/interop && $(GO) vet ./... && $(TOOLS)/staticcheck ./...
 
+# BENCHFLAGS=-short gives a smoke run; the bench takes a free sandbox instance.
 bench: build deps
-	$(GO) run ./bench/cmd/bench $(if $(SCENARIO),-scenario $(SCENARIO),) -out bench
+	hack/bench-tools.sh
+	hack/with-sandbox.sh $(GO) run ./bench/cmd/bench $(if $(SCENARIO),-scenario $(SCENARIO),) $(BENCHFLAGS) -out bench
 
 demo: build deps
 	hack/demo.sh

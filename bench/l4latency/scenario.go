@@ -143,7 +143,7 @@ func result(o Options, rows []*row, profiles []profile.Summary) report.Result {
 	var pct [3][]float64
 	groups := []string{}
 	for _, r := range rows {
-		name := strings.TrimPrefix(r.name, "ztunnel HBONE/")
+		name := strings.Replace(r.name, "ztunnel HBONE/", "ztunnel ", 1)
 		groups = append(groups, strings.TrimSuffix(name, " (pod to pod)"))
 		if r.err != nil {
 			res.Rows = append(res.Rows, []string{r.name, "not available: " + oneLine(r.err.Error()), "", "", "", "", "", "", ""})

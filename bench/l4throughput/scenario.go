@@ -308,7 +308,7 @@ func shortName(n string) string {
 	n = strings.TrimSuffix(n, " pair")
 	n = strings.TrimSuffix(n, " (pod to pod)")
 	n = strings.TrimSuffix(n, " TCP+mTLS")
-	return strings.TrimPrefix(n, "ztunnel HBONE/")
+	return strings.Replace(n, "ztunnel HBONE/", "ztunnel ", 1)
 }
 
 func joinf(v []float64) string {

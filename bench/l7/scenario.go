@@ -21,6 +21,7 @@ import (
 	"github.com/meshlite/meshlite/bench/meshenv"
 	"github.com/meshlite/meshlite/bench/peers"
 	"github.com/meshlite/meshlite/bench/plot"
+	"github.com/meshlite/meshlite/bench/profile"
 	"github.com/meshlite/meshlite/bench/report"
 )
 
@@ -35,6 +36,9 @@ type Options struct {
 	Env          *meshenv.Shared
 	// WaypointWait bounds the wait for the waypoint pod.
 	WaypointWait time.Duration
+	// ProfileDir keeps CPU profiles of the waypoint and the ztunnels during
+	// the waypoint's wrk run (a temp dir otherwise).
+	ProfileDir string
 }
 
 // Scenario returns the scenario for the bench runner.
@@ -65,6 +69,12 @@ type Row struct {
 	CPU     float64 // proxy vCPU during the wrk run
 	PeakRSS uint64  // proxy VmHWM after the runs
 	Err     error   // the row could not run: "not available"
+	// Config says what was configured on the path beyond the defaults.
+	Config string
+	// profile names the processes to profile during the wrk run.
+	profile    []profile.Target
+	profileDir string
+	Profiles   []profile.Summary
 }
 
 func run(ctx context.Context, o Options) (report.Result, error) {
@@ -158,8 +168,16 @@ func measureRow(ctx context.Context, e *meshenv.Env, o Options, r *Row) {
 			return
 		}
 	}
+	var prof *profile.Capture
+	if len(r.profile) > 0 {
+		prof = profile.StartTargets(ctx, r.profile, r.profileDir, Name+"-"+shortName(r.Name), o.WrkDuration)
+	}
 	start := time.Now()
-	if r.Wrk, r.Err = load.Wrk(ctx, e, r.netns, r.URL, wrkConns, o.WrkDuration); r.Err != nil {
+	r.Wrk, r.Err = load.Wrk(ctx, e, r.netns, r.URL, wrkConns, o.WrkDuration)
+	if prof != nil {
+		r.Profiles = prof.Wait()
+	}
+	if r.Err != nil {
 		return
 	}
 	if r.proxy != nil {
@@ -250,7 +268,7 @@ spec:
 		}
 	}
 	if vip == "" {
-		r.Err = fmt.Errorf("Service %s has no cluster IP", serviceName)
+		r.Err = fmt.Errorf("service %s has no cluster IP", serviceName)
 		return r
 	}
 	wait := o.WaypointWait
@@ -262,6 +280,38 @@ spec:
 		r.Err = fmt.Errorf("no Running waypoint pod for Gateway %s/%s: %w", meshenv.MeshNS, waypointName, err)
 		return r
 	}
+	// One HTTPRoute with a retry and a rate limit configured but never
+	// firing (the backend answers 200; the limit is far above the load),
+	// so the row pays for having them.
+	route := fmt.Sprintf(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: %[2]s, namespace: %[1]s}
+spec:
+  parentRefs: [{group: "", kind: Service, name: %[2]s, port: %[3]d}]
+  rules:
+  - backendRefs: [{name: %[2]s, port: %[3]d}]
+    retry: {attempts: 2, codes: [503], backoff: 10ms}
+---
+apiVersion: policy.meshlite.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: %[2]s, namespace: %[1]s}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: %[2]s}]
+  rateLimit: {requestsPerSecond: 1000000}
+`, meshenv.MeshNS, serviceName, backendPort)
+	if _, err := e.SB.Apply(ctx, route); err != nil {
+		r.Config = "HTTPRoute with retry and TrafficPolicy rate limit NOT configured: " + oneLine(err.Error())
+	} else {
+		r.Config = "HTTPRoute " + serviceName + " (retry: 2 attempts on 503, 10ms backoff) with a TrafficPolicy rate limit of 1M req/s, neither firing"
+		defer func() {
+			cctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			if err := e.SB.Delete(cctx, route); err != nil {
+				o.Log.Warn("delete the HTTPRoute", "err", err)
+			}
+		}()
+	}
 	if err := e.Label(ctx, meshenv.MeshNS, "istio.io/use-waypoint", waypointName); err != nil {
 		r.Err = err
 		return r
@@ -272,6 +322,13 @@ spec:
 		return r
 	}
 	r.proxy = func() ([]int, error) { return meshenv.FindProcess("waypoint", wpNetns) }
+	r.profile = append([]profile.Target{{Label: "waypoint", Netns: wpNetns, Admin: "127.0.0.1:15000", Bin: filepath.Join(e.Repo, "bin", "waypoint")}}, profile.Ztunnels(e)...)
+	if r.profileDir = o.ProfileDir; r.profileDir == "" {
+		if r.profileDir, err = e.TempDir("pprof"); err != nil {
+			r.Err = err
+			return r
+		}
+	}
 	r.URL = "http://" + net.JoinHostPort(vip, fmt.Sprint(backendPort)) + "/"
 	// The binding reaches the ztunnels through istiod-lite; wait until a
 	// request goes through the waypoint (its CPU moves) or give up.
@@ -322,7 +379,7 @@ func result(o Options, rows []*Row) report.Result {
 		Description: fmt.Sprintf("HTTP/1.1 GET / from a client pod on node 0 to an nginx backend (2 workers, answers 200 \"ok\") in a server pod on node 1. "+
 			"Proxies run in the server pod in front of the backend (nginx: 2 workers, upstream keepalive; haproxy: 2 threads, http-reuse always). "+
 			"Waypoint row: the enrolled namespace bound to a waypoint (Gateway of class istio-waypoint deployed by istiod-lite), client -> Service VIP -> ztunnel -> HBONE -> waypoint -> HBONE -> ztunnel -> backend; "+
-			"no HTTPRoute is configured yet. wrk: 2 threads, %d connections, %s, max req/s. fortio %s: fixed %d qps on 4 connections for %s, p99. "+
+			"configuration in the note below. wrk: 2 threads, %d connections, %s, max req/s. fortio %s: fixed %d qps on 4 connections for %s, p99. "+
 			"Proxy CPU: vCPU of the proxy's processes during the wrk run; peak RSS: their VmHWM after both runs. "+
 			"Commands: `wrk -t2 -c%d -d%ds http://<target>/`, `fortio load -qps %d -c 4 -t %s -p 50,90,99 -json - http://<target>/`.",
 			wrkConns, o.WrkDuration, measure.FortioVersion, fixedQPS, o.LoadDuration, wrkConns, max(1, int(o.WrkDuration.Seconds())), fixedQPS, o.LoadDuration),
@@ -358,6 +415,12 @@ func result(o Options, rows []*Row) report.Result {
 		g.Missing = oneLine(wp.Err.Error())
 	}
 	res.Notes = append(res.Notes, "Goal (issue 9):\n\n- "+g.String())
+	if g.Verdict() == "missed" && len(wp.Profiles) > 0 {
+		res.Notes = append(res.Notes, profile.Markdown("Where the time goes on the waypoint path (CPU profiles from the admin ports, /debug/pprof/profile, during the waypoint's wrk run)", wp.Profiles))
+	}
+	if wp.Config != "" {
+		res.Notes = append(res.Notes, "Waypoint route configuration: "+wp.Config+".")
+	}
 	res.Charts = []plot.Bars{{Title: "l7: HTTP/1.1 node 0 -> node 1", YLabel: "k req/s (wrk) / p99 ms (fortio, 1000 qps)", Groups: groups,
 		Series: []plot.Series{{Name: "wrk k req/s", Values: rps}, {Name: "p99 ms at 1000 qps", Values: p99}}}}
 	return res

@@ -9,11 +9,10 @@ import (
 // Shared opens the Env on first use and lets every scenario of one bench
 // run use the same one (the mesh is installed once); Close tears it down.
 type Shared struct {
-	Log  *slog.Logger
-	mu   sync.Mutex
-	env  *Env
-	err  error
-	done bool
+	Log *slog.Logger
+	mu  sync.Mutex
+	env *Env
+	err error
 }
 
 // Get returns the Env, opening it (and installing the mesh with h2) on the

@@ -261,20 +261,33 @@ func (e *Env) ZtunnelPids(i int) ([]int, error) { return FindProcess("ztunnel", 
 // AdminGet fetches path from the ztunnel admin port of node i
 // (127.0.0.1:15000 in the node's namespace), e.g. a CPU profile.
 func (e *Env) AdminGet(ctx context.Context, i int, path string) ([]byte, error) {
-	tr := &http.Transport{DisableKeepAlives: true, DialContext: nsDialer(e.NodeNetns(i))}
+	b, err := GetIn(ctx, e.NodeNetns(i), "http://127.0.0.1:15000"+path)
+	if err != nil {
+		return nil, fmt.Errorf("ztunnel admin on node %d: %w", i, err)
+	}
+	return b, nil
+}
+
+// GetIn fetches url from inside the network namespace at netns; anything
+// but 200 is an error.
+func GetIn(ctx context.Context, netns, url string) ([]byte, error) {
+	tr := &http.Transport{DisableKeepAlives: true, DialContext: nsDialer(netns)}
 	defer tr.CloseIdleConnections()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://127.0.0.1:15000"+path, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return nil, err
 	}
 	resp, err := (&http.Client{Transport: tr}).Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("ztunnel admin %s on node %d: %w", path, i, err)
+		return nil, fmt.Errorf("GET %s: %w", url, err)
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("ztunnel admin %s on node %d: status %d %v", path, i, resp.StatusCode, err)
+	if err != nil {
+		return nil, fmt.Errorf("GET %s: %w", url, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s: status %d (%s)", url, resp.StatusCode, strings.TrimSpace(string(b[:min(len(b), 200)])))
 	}
 	return b, nil
 }

@@ -47,7 +47,7 @@ func StartPair(ctx context.Context, e *meshenv.Env, ns string, certs *Certs, spe
 	srv := Tunnel{Listen: fmt.Sprintf("0.0.0.0:%d", spec.ServerPort), Target: spec.AppAddr}
 	cli := Tunnel{Listen: fmt.Sprintf("127.0.0.1:%d", spec.ClientPort), Target: net.JoinHostPort(serverIP, fmt.Sprint(spec.ServerPort)), ServerIP: serverIP}
 	var srvArgv, cliArgv []string
-	name := spec.Kind
+	var name string
 	switch spec.Kind {
 	case "ghostunnel":
 		bin := filepath.Join(e.Tools, "ghostunnel")

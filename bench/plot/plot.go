@@ -76,6 +76,20 @@ func (b Bars) PNG() ([]byte, error) {
 		p.Legend.Add(s.Name, bars)
 	}
 	p.NominalX(b.Groups...)
+	// Room on both sides for the outer groups' bars, and above the tallest
+	// bar for the legend (one line per series).
+	p.X.Min, p.X.Max = -0.6, float64(len(b.Groups))-0.4
+	top := 0.0
+	for _, s := range b.Series {
+		for _, v := range s.Values {
+			if v > top && !math.IsInf(v, 0) {
+				top = v
+			}
+		}
+	}
+	if top > 0 {
+		p.Y.Max = top * (1.08 + 0.09*float64(len(b.Series)))
+	}
 	width := vg.Length(math.Max(480, float64(len(b.Groups))*110)) * vg.Points(1)
 	w, err := p.WriterTo(width, 4*vg.Inch, "png")
 	if err != nil {

@@ -12,6 +12,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -23,10 +25,13 @@ import (
 type Summary struct {
 	Label string // "node-0 ztunnel, l4-throughput-h2"
 	File  string
+	Bin   string
 	// Top are `go tool pprof -top` lines (flat, flat%, sum%, cum, cum%,
 	// function); Err says why there are none.
 	Top []string
-	Err error
+	// Shares is the flat CPU time by kind of work (see Categorise).
+	Shares []Share
+	Err    error
 }
 
 // Capture is a profile being taken on every node.
@@ -35,26 +40,54 @@ type Capture struct {
 	out []Summary
 }
 
-// Start fetches a CPU profile of about d (at least 1 s, a second less than
-// d so it ends inside the run) from the ztunnel of each node into dir,
-// named after name.
-func Start(ctx context.Context, e *meshenv.Env, dir, name string, d time.Duration) *Capture {
-	c := &Capture{out: make([]Summary, e.SB.Plan.Nodes)}
-	secs := max(1, int(math.Floor(d.Seconds()))-1)
+// Target is a Go process serving net/http/pprof on an admin address
+// inside a network namespace.
+type Target struct {
+	Label string // "node-0 ztunnel"
+	Netns string
+	// Admin is the admin address there ("127.0.0.1:15000").
+	Admin string
+	// Bin is the binary, for pprof's symbols.
+	Bin string
+}
+
+// Ztunnels are the ztunnel of every node (admin port 15000 in the node's
+// namespace).
+func Ztunnels(e *meshenv.Env) []Target {
+	var ts []Target
 	for i := range e.SB.Plan.Nodes {
+		ts = append(ts, Target{Label: e.SB.NodeName(i) + " ztunnel", Netns: e.NodeNetns(i), Admin: "127.0.0.1:15000", Bin: filepath.Join(e.Repo, "bin", "ztunnel")})
+	}
+	return ts
+}
+
+// Start fetches a CPU profile of about d from the ztunnel of each node;
+// see StartTargets.
+func Start(ctx context.Context, e *meshenv.Env, dir, name string, d time.Duration) *Capture {
+	return StartTargets(ctx, Ztunnels(e), dir, name, d)
+}
+
+// StartTargets fetches a CPU profile of about d (at least 1 s, a second
+// less than d so it ends inside the run) from each target
+// (/debug/pprof/profile on its admin address) into dir, named after name.
+func StartTargets(ctx context.Context, targets []Target, dir, name string, d time.Duration) *Capture {
+	c := &Capture{out: make([]Summary, len(targets))}
+	secs := max(1, int(math.Floor(d.Seconds()))-1)
+	for i, t := range targets {
 		c.wg.Add(1)
 		go func() {
 			defer c.wg.Done()
 			s := &c.out[i]
-			s.Label = fmt.Sprintf("%s ztunnel, %s", e.SB.NodeName(i), name)
+			s.Label = t.Label + ", " + name
 			if err := os.MkdirAll(dir, 0o755); err != nil {
 				s.Err = err
 				return
 			}
-			s.File = filepath.Join(dir, fmt.Sprintf("%s-%s-ztunnel.pprof", name, e.SB.NodeName(i)))
+			s.File = filepath.Join(dir, name+"-"+strings.ReplaceAll(t.Label, " ", "-")+".pprof")
+			s.Bin = t.Bin
 			pctx, cancel := context.WithTimeout(ctx, time.Duration(secs+30)*time.Second)
 			defer cancel()
-			b, err := e.AdminGet(pctx, i, fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs))
+			b, err := meshenv.GetIn(pctx, t.Netns, fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", t.Admin, secs))
 			if err == nil {
 				err = os.WriteFile(s.File, b, 0o644)
 			}
@@ -62,7 +95,9 @@ func Start(ctx context.Context, e *meshenv.Env, dir, name string, d time.Duratio
 				s.Err = err
 				return
 			}
-			s.Top, s.Err = top(ctx, filepath.Join(e.Repo, "bin", "ztunnel"), s.File, 12)
+			var all []string
+			all, s.Err = top(ctx, t.Bin, s.File, 500)
+			s.Top, s.Shares = all[:min(12, len(all))], Categorise(all)
 		}()
 	}
 	return c
@@ -120,11 +155,83 @@ func Markdown(title string, ss []Summary) string {
 			fmt.Fprintf(&b, "\n%s: no profile (%v)\n", s.Label, s.Err)
 			continue
 		}
-		fmt.Fprintf(&b, "\n%s (`go tool pprof -top bin/ztunnel %s`):\n\n```\nflat flat%% sum%% cum cum%% function\n", s.Label, s.File)
+		fmt.Fprintf(&b, "\n%s: %s. Top functions (`go tool pprof -top %s %s`):\n\n```\nflat flat%% sum%% cum cum%% function\n", s.Label, SharesText(s.Shares), binName(s.Bin), s.File)
 		for _, l := range s.Top {
 			b.WriteString(l + "\n")
 		}
 		b.WriteString("```\n")
 	}
 	return b.String()
+}
+
+// Share is the part of the sampled CPU time spent on one kind of work.
+type Share struct {
+	Kind    string
+	Percent float64
+}
+
+// kinds map function-name prefixes to the kind of work, first match wins.
+var kinds = []struct{ kind, prefixes string }{
+	{"syscalls (socket reads and writes)", "internal/runtime/syscall syscall. golang.org/x/sys/unix. runtime/internal/syscall"},
+	{"TLS/QUIC crypto (AES-GCM, ChaCha)", "crypto/ vendor/golang.org/x/crypto golang.org/x/crypto"},
+	{"memory copies", "runtime.memmove runtime.memclr"},
+	{"HTTP/2 and QUIC framing", "golang.org/x/net/http2 github.com/quic-go net/http."},
+	{"meshlite's own code", "github.com/meshlite/"},
+	{"Go runtime (scheduler, GC, allocation)", "runtime. internal/runtime"},
+}
+
+// Categorise sums the flat% of `go tool pprof -top` lines by kind of work,
+// largest first; what matches no kind is "other".
+func Categorise(lines []string) []Share {
+	sum := map[string]float64{}
+	for _, l := range lines {
+		f := strings.Fields(l)
+		if len(f) < 6 {
+			continue
+		}
+		pct, err := strconv.ParseFloat(strings.TrimSuffix(f[1], "%"), 64)
+		if err != nil || pct <= 0 {
+			continue
+		}
+		fn := strings.Join(f[5:], " ")
+		kind := "other"
+		for _, k := range kinds {
+			for _, p := range strings.Fields(k.prefixes) {
+				if strings.HasPrefix(fn, p) {
+					kind = k.kind
+					break
+				}
+			}
+			if kind != "other" {
+				break
+			}
+		}
+		sum[kind] += pct
+	}
+	out := make([]Share, 0, len(sum))
+	for k, v := range sum {
+		out = append(out, Share{k, v})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Percent > out[j].Percent })
+	return out
+}
+
+// SharesText is the shares as one line: "syscalls 65%, crypto 18%, ...".
+func SharesText(ss []Share) string {
+	if len(ss) == 0 {
+		return "no samples"
+	}
+	parts := make([]string, len(ss))
+	for i, s := range ss {
+		parts[i] = fmt.Sprintf("%s %.0f%%", s.Kind, s.Percent)
+	}
+	return strings.Join(parts, ", ")
+}
+
+// binName is the binary as RESULTS.md names it (bin/<name>).
+func binName(path string) string {
+	if path == "" {
+		return "<binary>"
+	}
+	return "bin/" + filepath.Base(path)
 }

@@ -43,3 +43,19 @@ func TestMarkdown_SaysWhyAProfileIsMissing(t *testing.T) {
 		}
 	}
 }
+
+func TestCategorise_SumsFlatShareByKindOfWork(t *testing.T) {
+	got := Categorise(TopLines(pprofTop))
+	want := []Share{{"syscalls (socket reads and writes)", 29.03}, {"TLS/QUIC crypto (AES-GCM, ChaCha)", 12.90}, {"HTTP/2 and QUIC framing", 6.45}}
+	if len(got) != len(want) {
+		t.Fatalf("got %v", got)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("share %d = %v, want %v", i, got[i], want[i])
+		}
+	}
+	if s := SharesText(got); !strings.HasPrefix(s, "syscalls (socket reads and writes) 29%, TLS/QUIC crypto") {
+		t.Errorf("text %q", s)
+	}
+}

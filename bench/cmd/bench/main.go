@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -54,6 +55,12 @@ func run() int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
+	// ztunnel CPU profiles of the data-plane scenarios are kept where
+	// RESULTS.md can name them (bench/out is not committed).
+	dpProfiles := *profileDir
+	if dpProfiles == "" {
+		dpProfiles = filepath.Join(*out, "out", "profiles")
+	}
 	// The data-plane scenarios share one sandbox with the mesh installed,
 	// brought up on first use and removed when the run ends.
 	env := &meshenv.Shared{Log: log}
@@ -65,11 +72,16 @@ func run() int {
 	scenarios := []report.Scenario{
 		loopback.Scenario(loopback.Options{Duration: *duration, Rounds: *rounds, Log: log, ProfileDir: *profileDir}),
 		controlplane.Scenario(cp),
-		l4throughput.Scenario(l4throughput.Options{Duration: *l4Duration, Rounds: *rounds, Log: log, Env: env, ProfileDir: *profileDir}),
-		l4latency.Scenario(l4latency.Options{Duration: *loadDuration, ConnDuration: min(*loadDuration, 5*time.Second), Log: log, Env: env, ProfileDir: *profileDir}),
-		l4cost.Scenario(l4cost.Options{Duration: *loadDuration, Log: log, Env: env, ProfileDir: *profileDir}),
-		l7.Scenario(l7.Options{WrkDuration: min(*loadDuration, 15*time.Second), LoadDuration: *loadDuration, Log: log, Env: env, WaypointWait: waypointWait}),
+		l4throughput.Scenario(l4throughput.Options{Duration: *l4Duration, Rounds: *rounds, Log: log, Env: env, ProfileDir: dpProfiles}),
+		l4latency.Scenario(l4latency.Options{Duration: *loadDuration, ConnDuration: min(*loadDuration, 5*time.Second), Log: log, Env: env, ProfileDir: dpProfiles}),
+		l4cost.Scenario(l4cost.Options{Duration: *loadDuration, Log: log, Env: env, ProfileDir: dpProfiles}),
+		l7.Scenario(l7.Options{WrkDuration: min(*loadDuration, 15*time.Second), LoadDuration: *loadDuration, Log: log, Env: env, WaypointWait: waypointWait, ProfileDir: dpProfiles}),
 	}
+	cmd := "make bench"
+	if *scenario != "" {
+		cmd += " SCENARIO=" + *scenario
+	}
+	argv := strings.Join(append([]string{"go run ./bench/cmd/bench"}, os.Args[1:]...), " ")
 	want := map[string]bool{}
 	for _, n := range strings.Split(*scenario, ",") {
 		if n = strings.TrimSpace(n); n != "" {
@@ -102,15 +114,12 @@ func run() int {
 		if *short {
 			r.Notes = append([]string{"**Smoke run (-short)**: runs cut to a few seconds and one round; the figures are rough, not the benchmark."}, r.Notes...)
 		}
+		r.Command, r.Argv = cmd, argv
 		fmt.Println(r.Markdown())
 		results = append(results, r)
 	}
-	cmd := "make bench"
-	if *scenario != "" {
-		cmd += " SCENARIO=" + *scenario
-	}
 	if len(results) > 0 {
-		if err := report.Write(*out, cmd, strings.Join(append([]string{"go run ./bench/cmd/bench"}, os.Args[1:]...), " "), results); err != nil {
+		if err := report.Write(*out, cmd, argv, results); err != nil {
 			fmt.Fprintf(os.Stderr, "bench: %v\n", err)
 			return 1
 		}
