@@ -21,7 +21,7 @@ BINARIES := \
 	sandbox=./e2e/cmd/sandbox \
 	echo=./e2e/cmd/echo
 
-.PHONY: all build deps test test-unit test-e2e test-proto test-fuzz test-interop proto lint bench demo down clean
+.PHONY: all build deps test test-unit test-e2e test-proto test-fuzz test-interop proto lint bench images demo down clean
 
 all: build
 
@@ -77,6 +77,11 @@ lint:
 	@test -x $(TOOLS)/staticcheck || GOBIN=$(TOOLS) $(GO) install $(STATICCHECK)
 	$(TOOLS)/staticcheck ./...
 	cd e2e/interop && $(GO) vet ./... && $(TOOLS)/staticcheck ./...
+	hack/helm.sh lint
+
+# OCI image tarballs under out/images, built without a container engine.
+images:
+	hack/images.sh
 
 # BENCHFLAGS=-short gives a smoke run; the bench takes a free sandbox instance.
 bench: build deps

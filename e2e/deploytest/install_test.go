@@ -6,19 +6,23 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"testing/fstest"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	meshchart "github.com/meshlite/meshlite/deploy/helm"
 	"github.com/meshlite/meshlite/e2e/meshinstall"
 	"github.com/meshlite/meshlite/e2e/netlab"
 	"github.com/meshlite/meshlite/e2e/sandbox"
@@ -73,14 +77,16 @@ spec:
 `, appNS, node0, node1)
 }
 
-// TestChart_InstallEnrollUninstall installs the mesh from the chart into
+// TestChart_InstallEnrollUpgradeUninstall installs the mesh from the chart into
 // the sandbox, as a user installs it, and checks what the chart is for:
 // istiod-lite, a CNI agent and a ztunnel per node get ready; pods of an
 // enrolled namespace get redirected and talk over HBONE with mTLS and their
-// SPIFFE identities (seen in ztunnel's connection table); the uninstall
-// unchains mesh-cni from every node and removes the in-pod redirection, after
-// which the same pods talk directly.
-func TestChart_InstallEnrollUninstall(t *testing.T) {
+// SPIFFE identities (seen in ztunnel's connection table); an upgrade to the
+// next chart version rolls every component (ztunnel through a DaemonSet
+// rollout with surge) without failing a connection; the uninstall unchains
+// mesh-cni from every node and removes the in-pod redirection, after which
+// the same pods talk directly.
+func TestChart_InstallEnrollUpgradeUninstall(t *testing.T) {
 	sb := sandbox.Start(t)
 	if sb.Plan.Nodes < 2 {
 		t.Fatalf("the sandbox has %d nodes; this test needs 2", sb.Plan.Nodes)
@@ -164,6 +170,78 @@ func TestChart_InstallEnrollUninstall(t *testing.T) {
 		}
 	}
 
+	// Upgrade to the next chart version: every component rolls, ztunnel
+	// with a surge pod beside the old one on each node. New connections
+	// from the enrolled client keep working all along.
+	oldZtunnels := podNames(ctx, t, sb, "app=ztunnel")
+	stopTraffic := make(chan struct{})
+	type result struct {
+		ok, failed int
+		firstErr   error
+	}
+	results := make(chan result, 1)
+	go func() {
+		var r result
+		defer func() { results <- r }()
+		for {
+			select {
+			case <-stopTraffic:
+				return
+			case <-time.After(200 * time.Millisecond):
+			}
+			c, err := sb.Dial(ctx, appNS, "client", net.JoinHostPort(echo.Status.PodIP, "9090"))
+			if err == nil {
+				err = roundTrip(c, "during the upgrade")
+				c.Close()
+			}
+			if err != nil {
+				r.failed++
+				if r.firstErr == nil {
+					r.firstErr = fmt.Errorf("%s: %w", time.Now().Format(time.TimeOnly), err)
+				}
+				continue
+			}
+			r.ok++
+		}
+	}()
+	start = time.Now()
+	upErr := mesh.Upgrade(ctx, meshinstall.Options{CaptureNamespaces: []string{appNS}, Chart: nextChartVersion(t), Log: log})
+	close(stopTraffic)
+	traffic := <-results
+	if upErr != nil {
+		t.Fatalf("upgrade to the next chart version: %v", upErr)
+	}
+	t.Logf("upgraded in %v; connections during the upgrade: %d ok, %d failed", time.Since(start).Round(time.Millisecond), traffic.ok, traffic.failed)
+	if traffic.failed > 0 || traffic.ok < 10 {
+		t.Errorf("connections during the upgrade: %d ok, %d failed (first: %v)", traffic.ok, traffic.failed, traffic.firstErr)
+	}
+	for _, n := range podNames(ctx, t, sb, "app=ztunnel") {
+		if slices.Contains(oldZtunnels, n) {
+			t.Errorf("ztunnel pod %s did not roll", n)
+		}
+	}
+	conn2, err := sb.Dial(ctx, appNS, "client", net.JoinHostPort(echo.Status.PodIP, "9090"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn2.Close()
+	if err := roundTrip(conn2, "after the upgrade"); err != nil {
+		t.Fatal(err)
+	}
+	found = false
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline) && !found; time.Sleep(200 * time.Millisecond) {
+		for _, c := range connections(t, sb, 0) {
+			if c["dst"] == net.JoinHostPort(echo.Status.PodIP, "9090") && c["direction"] == "outbound" &&
+				c["security"] == "mtls" && c["src_identity"] == spiffe("client") {
+				found = true
+			}
+		}
+	}
+	if !found {
+		t.Errorf("after the upgrade the new ztunnel on %s shows no mTLS connection from client to echo", sb.NodeName(0))
+	}
+	conn2.Close()
+
 	// Uninstall: nodes unchained (Uninstall fails otherwise), no rule left
 	// in the pods, and they talk directly.
 	start = time.Now()
@@ -192,6 +270,49 @@ func TestChart_InstallEnrollUninstall(t *testing.T) {
 	if lastErr != nil {
 		t.Errorf("client -> echo after the uninstall: %v", lastErr)
 	}
+}
+
+// podNames are the names of the mesh pods matching selector.
+func podNames(ctx context.Context, t *testing.T, sb *sandbox.Sandbox, selector string) []string {
+	t.Helper()
+	l, err := sb.Client().CoreV1().Pods(meshinstall.Namespace).List(ctx, metav1.ListOptions{LabelSelector: selector})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, p := range l.Items {
+		out = append(out, p.Name)
+	}
+	return out
+}
+
+// nextChartVersion is the embedded chart as its next patch version: the
+// same templates, a new version in every object's helm.sh/chart label, so
+// an upgrade rolls every pod.
+func nextChartVersion(t *testing.T) fs.FS {
+	t.Helper()
+	next := fstest.MapFS{}
+	err := fs.WalkDir(meshchart.Chart(), ".", func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		b, err := fs.ReadFile(meshchart.Chart(), p)
+		if err != nil {
+			return err
+		}
+		if p == "Chart.yaml" {
+			if !strings.Contains(string(b), "\nversion: 0.1.0\n") {
+				return fmt.Errorf("Chart.yaml has no version 0.1.0 to bump:\n%s", b)
+			}
+			b = []byte(strings.Replace(string(b), "\nversion: 0.1.0\n", "\nversion: 0.1.1\n", 1))
+		}
+		next[p] = &fstest.MapFile{Data: b, Mode: 0o644}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return next
 }
 
 // waitRedirected waits until pod name in appNS runs, is ready and carries

@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -53,6 +54,9 @@ type Options struct {
 	// Reuse accepts a mesh already installed (make demo's, or another
 	// test's): Install then returns it as it is, and Uninstall leaves it.
 	Reuse bool
+	// Chart replaces the embedded chart (an upgrade test renders the next
+	// chart version).
+	Chart fs.FS
 	// Timeout bounds the wait for each component's pods (default 2m).
 	Timeout time.Duration
 	Log     *slog.Logger
@@ -75,6 +79,13 @@ func SandboxValues(sb *sandbox.Sandbox) []string {
 		// One replica, as e2e/manifests runs (ztunnel dials one pod IP;
 		// and CPU is scarce). The chart's default is two.
 		"istiod.replicas=1",
+		// kubelet-lite writes projected service-account tokens 0600 as
+		// root and, unlike a kubelet, does not give them to the
+		// container's runAsUser: istiod-lite could not read its token as
+		// uid 1337.
+		"istiod.podSecurityContext.runAsNonRoot=false",
+		"istiod.podSecurityContext.runAsUser=0",
+		"istiod.podSecurityContext.runAsGroup=0",
 	}
 }
 
@@ -98,7 +109,7 @@ func Render(ctx context.Context, sb *sandbox.Sandbox, opts Options) ([]*unstruct
 		set = append(set, "cni.captureNamespaces={"+strings.Join(opts.CaptureNamespaces, ",")+"}")
 	}
 	set = append(set, opts.Set...)
-	objs, err := meshinstall.Render(ctx, meshinstall.Options{Namespace: Namespace, Set: set})
+	objs, err := meshinstall.Render(ctx, meshinstall.Options{Namespace: Namespace, Set: set, Chart: opts.Chart})
 	if err != nil || len(opts.Components) == 0 {
 		return objs, err
 	}
@@ -221,6 +232,91 @@ func Install(ctx context.Context, sb *sandbox.Sandbox, opts Options) (_ *Mesh, e
 	}
 	opts.Log.Info("mesh installed from the chart", "objects", len(objs), "took", time.Since(start).Round(time.Millisecond), "istiod", m.IstiodIP)
 	return m, nil
+}
+
+// Upgrade applies the chart rendered with opts over the installed mesh, as
+// `helm upgrade` would, and waits for the rollouts: istiod-lite first (its
+// new pod's address goes into ConfigMap ztunnel-xds), then the CNI agents
+// and ztunnel, which roll node by node (ztunnel with a surge pod beside the
+// old one).
+func (m *Mesh) Upgrade(ctx context.Context, opts Options) error {
+	if m.reused {
+		return errors.New("upgrade: the mesh is not this installer's")
+	}
+	if opts.Timeout == 0 {
+		opts.Timeout = 3 * time.Minute
+	}
+	objs, err := Render(ctx, m.sb, opts)
+	if err != nil {
+		return err
+	}
+	var first, ztunnel []*unstructured.Unstructured
+	for _, o := range objs {
+		if o.GetKind() == "DaemonSet" && o.GetName() == "ztunnel" {
+			ztunnel = append(ztunnel, o)
+		} else {
+			first = append(first, o)
+		}
+	}
+	rc := m.sb.RESTConfig()
+	if err := meshinstall.Apply(ctx, rc, first, meshinstall.ApplyOptions{FieldManager: FieldManager}); err != nil {
+		return err
+	}
+	m.objs = objs
+	apps := m.sb.Client().AppsV1()
+	err = m.sb.WaitFor(ctx, opts.Timeout, "istiod-lite rolled out", func(ctx context.Context) (bool, error) {
+		d, err := apps.Deployments(Namespace).Get(ctx, "istiod", metav1.GetOptions{})
+		if err != nil || d.Spec.Replicas == nil {
+			return false, nil
+		}
+		n := *d.Spec.Replicas
+		return d.Status.ObservedGeneration >= d.Generation && d.Status.UpdatedReplicas == n &&
+			d.Status.Replicas == n && d.Status.AvailableReplicas == n, nil
+	})
+	if err != nil {
+		return fmt.Errorf("%w\n%s", err, podLogs(m.sb, "app=istiod"))
+	}
+	pods, err := m.sb.WaitPodsRunning(ctx, Namespace, "app=istiod", 1, opts.Timeout)
+	if err != nil {
+		return err
+	}
+	for _, p := range pods {
+		if p.DeletionTimestamp == nil {
+			m.IstiodIP = p.Status.PodIP
+		}
+	}
+	cms := m.sb.Client().CoreV1().ConfigMaps(Namespace)
+	cm, err := cms.Get(ctx, XDSConfigMap, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("ConfigMap %s: %w", XDSConfigMap, err)
+	}
+	cm.Data = map[string]string{"address": m.IstiodIP + ":15012"}
+	if _, err := cms.Update(ctx, cm, metav1.UpdateOptions{}); err != nil {
+		return fmt.Errorf("ConfigMap %s: %w", XDSConfigMap, err)
+	}
+	if err := meshinstall.Apply(ctx, rc, ztunnel, meshinstall.ApplyOptions{FieldManager: FieldManager}); err != nil {
+		return err
+	}
+	for _, name := range []string{"istio-cni-node", "ztunnel"} {
+		err := m.sb.WaitFor(ctx, opts.Timeout, name+" rolled out", func(ctx context.Context) (bool, error) {
+			ds, err := apps.DaemonSets(Namespace).Get(ctx, name, metav1.GetOptions{})
+			if err != nil {
+				return false, nil
+			}
+			n := ds.Status.DesiredNumberScheduled
+			if ds.Status.ObservedGeneration < ds.Generation || n == 0 || ds.Status.UpdatedNumberScheduled != n ||
+				ds.Status.NumberAvailable != n || ds.Status.CurrentNumberScheduled != n {
+				return false, nil
+			}
+			// The old pods are gone too (a surge pod's predecessor drains).
+			l, err := m.sb.Client().CoreV1().Pods(Namespace).List(ctx, metav1.ListOptions{LabelSelector: "app=" + name})
+			return err == nil && len(l.Items) == int(n), nil
+		})
+		if err != nil {
+			return fmt.Errorf("%w\n%s", err, podLogs(m.sb, "app="+name))
+		}
+	}
+	return nil
 }
 
 // Objects are the objects the chart rendered.

@@ -46,6 +46,10 @@ func TestRender_FitsTheChartToTheSandbox(t *testing.T) {
 			if n, _, _ := unstructured.NestedInt64(o.Object, "spec", "replicas"); n != 1 {
 				t.Errorf("istiod replicas %d in the sandbox", n)
 			}
+			// kubelet-lite's tokens are root's only (see SandboxValues).
+			if uid, _, _ := unstructured.NestedInt64(o.Object, "spec", "template", "spec", "securityContext", "runAsUser"); uid != 0 {
+				t.Errorf("istiod runs as uid %d in the sandbox", uid)
+			}
 		}
 	}
 	for _, want := range []string{"--host-root=/tmp/sb-state/nodes/$(NODE_NAME)/root", "--capture-namespaces=a,b"} {
