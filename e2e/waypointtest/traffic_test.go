@@ -205,7 +205,8 @@ spec:
 	objs += "---" + trEchoPod("broken", node1, "echo", map[string]string{"flaky": "yes"}, 8081, false)
 	objs += "---" + trEchoPod("client", node0, "client", map[string]string{"app": "client"}, 8080, true)
 	for name, sel := range map[string]string{"echo": "app: echo", "echo-v1": "version: v1", "echo-v2": "version: v2",
-		"flaky": "flaky: \"yes\"", "limited": "app: echo", "guarded": "app: echo"} {
+		"flaky": "flaky: \"yes\"", "limited": "app: echo", "guarded": "app: echo", "slow": "app: echo", "breaker": "app: echo",
+		"faulty": "app: echo"} {
 		objs += "---" + trService(name, sel)
 	}
 	start := time.Now()
@@ -398,6 +399,153 @@ spec:
 		if max := 10 + 10*el + 3; float64(ok) > max || limited == 0 {
 			t.Errorf("%d allowed in %.1fs (burst 10 + 10/s allows %.0f), %d limited", ok, el, max, limited)
 		}
+	})
+
+	t.Run("TimeoutCutsASlowBackend", func(t *testing.T) {
+		if _, err := e.sb.Apply(e.ctx, fmt.Sprintf(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: slow-timeout, namespace: %s}
+spec:
+  parentRefs: [{group: "", kind: Service, name: slow, port: 80}]
+  rules:
+  - backendRefs: [{name: slow, port: 80}]
+    timeouts: {request: 300ms}
+`, trNS)); err != nil {
+			t.Fatal(err)
+		}
+		e.waitConfig("the timeout at the waypoint", "slow", "/?delay=2s", func(r trResponse) bool { return r.code == http.StatusGatewayTimeout })
+		start := time.Now()
+		r := e.get("slow", "/?delay=5s")
+		if el := time.Since(start); r.code != http.StatusGatewayTimeout || el < 250*time.Millisecond || el > 2*time.Second {
+			t.Errorf("a 5 s backend behind a 300 ms timeout: %d after %v", r.code, el)
+		}
+		if r := e.get("slow", "/?delay=50ms"); r.code != 200 {
+			t.Errorf("a 50 ms backend: %d %v", r.code, r.err)
+		}
+	})
+
+	t.Run("CircuitBreakerOpensAtItsLimit", func(t *testing.T) {
+		if _, err := e.sb.Apply(e.ctx, fmt.Sprintf(`
+apiVersion: policy.meshlite.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: breaker, namespace: %s}
+spec:
+  targetRefs: [{kind: Service, name: breaker}]
+  circuitBreaker: {maxConnections: 2, maxPendingRequests: 1}
+`, trNS)); err != nil {
+			t.Fatal(err)
+		}
+		// Two slow requests fill the slots, a third waits; a fourth sent
+		// then is refused at once with the overload flag.
+		wave := func() (codes []int, flagged bool) {
+			results := make(chan trResponse, 3)
+			for i := 0; i < 3; i++ {
+				go func() { results <- e.get("breaker", "/?delay=1500ms") }()
+			}
+			time.Sleep(400 * time.Millisecond)
+			r := e.get("breaker", "/")
+			for i := 0; i < 3; i++ {
+				codes = append(codes, (<-results).code)
+			}
+			return append(codes, r.code), r.code == http.StatusServiceUnavailable && r.header.Get("X-Meshlite-Overload") == "circuit-open"
+		}
+		var codes []int
+		err := e.sb.WaitFor(e.ctx, 60*time.Second, "the circuit breaker at the waypoint", func(context.Context) (bool, error) {
+			var flagged bool
+			codes, flagged = wave()
+			return flagged, nil
+		})
+		if err != nil {
+			t.Fatalf("%v (last wave: %v)", err, codes)
+		}
+		if codes[0] != 200 || codes[1] != 200 || codes[2] != 200 {
+			t.Errorf("requests within the limit and the pending one: %v, want 200s", codes[:3])
+		}
+		if r := e.get("breaker", "/"); r.code != 200 {
+			t.Errorf("after the load went: %d", r.code)
+		}
+	})
+
+	t.Run("FaultInjectionHitsItsShare", func(t *testing.T) {
+		if _, err := e.sb.Apply(e.ctx, fmt.Sprintf(`
+apiVersion: policy.meshlite.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: faulty, namespace: %s}
+spec:
+  targetRefs: [{kind: Service, name: faulty}]
+  faultInjection:
+    abort: {httpStatus: 418, percentage: 30}
+    delay: {fixed: 100ms, percentage: 20}
+`, trNS)); err != nil {
+			t.Fatal(err)
+		}
+		e.waitConfig("fault injection at the waypoint", "faulty", "/", func(r trResponse) bool { return r.code == http.StatusTeapot })
+		const n = 300
+		aborted, delayed := 0, 0
+		for i := 0; i < n; i++ {
+			start := time.Now()
+			r := e.get("faulty", "/")
+			switch r.code {
+			case http.StatusTeapot:
+				aborted++
+			case 200:
+			default:
+				t.Fatalf("status %d %v", r.code, r.err)
+			}
+			if time.Since(start) >= 100*time.Millisecond {
+				delayed++
+			}
+		}
+		t.Logf("%d requests: %d aborted (30%%), %d delayed 100ms (20%%)", n, aborted, delayed)
+		// Binomial(300, .3): sd 7.9; (300, .2): sd 6.9; 4 sd either side.
+		if aborted < 90-32 || aborted > 90+32 || delayed < 60-28 || delayed > 60+28 {
+			t.Errorf("aborted %d (want ~90), delayed %d (want ~60) of %d", aborted, delayed, n)
+		}
+	})
+
+	t.Run("BadInputIsRefusedAndOthersAreServed", func(t *testing.T) {
+		raw := func(req string, wait time.Duration) (string, time.Duration) {
+			c, err := e.sb.Dial(e.ctx, trNS, "client", net.JoinHostPort(e.vips["echo"], "80"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(wait))
+			start := time.Now()
+			io.WriteString(c, req)
+			line, err := bufio.NewReader(c).ReadString('\n')
+			if err != nil {
+				return "closed: " + err.Error(), time.Since(start)
+			}
+			return strings.TrimSpace(line), time.Since(start)
+		}
+		if got, _ := raw("GET / HTTP/1.1\r\nHost: echo\r\nBad Header\r\n\r\n", 5*time.Second); !strings.HasPrefix(got, "HTTP/1.1 400") {
+			t.Errorf("malformed header: %q, want 400", got)
+		}
+		if got, _ := raw("GET / HTTP/1.1\r\nHost: echo\r\nX-Big: "+strings.Repeat("a", 256<<10)+"\r\n\r\n", 5*time.Second); !strings.HasPrefix(got, "HTTP/1.1 431") {
+			t.Errorf("256 KiB header: %q, want 431", got)
+		}
+		// A slowloris holds a connection with half a request while others
+		// are served; the waypoint drops it after its 10 s header timeout.
+		done := make(chan string, 1)
+		var took time.Duration
+		go func() {
+			got, el := raw("GET / HTTP/1.1\r\nHost: echo\r\n", 20*time.Second)
+			took = el
+			done <- got
+		}()
+		for i := 0; i < 20; i++ {
+			if r := e.get("echo", "/"); r.code != 200 {
+				t.Fatalf("a client got %d %v while a slowloris held a connection", r.code, r.err)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		got := <-done
+		if !strings.HasPrefix(got, "closed") && !strings.HasPrefix(got, "HTTP/1.1 408") || took > 15*time.Second {
+			t.Errorf("slowloris: %q after %v, want the connection closed after ~10s", got, took)
+		}
+		t.Logf("slowloris connection ended after %v: %s", took.Round(100*time.Millisecond), got)
 	})
 
 	t.Run("L7DenyByPath", func(t *testing.T) {
