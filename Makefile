@@ -9,6 +9,8 @@ BIN          := $(CURDIR)/bin
 TOOLS        := $(CURDIR)/.cache/tools/bin
 STATICCHECK  := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 FUZZTIME     ?= 5s
+# Stamped into binaries that have a main.version (meshctl version).
+VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 
 # name=package of every binary `make build` produces.
 BINARIES := \
@@ -29,7 +31,7 @@ build:
 	@mkdir -p $(BIN)
 	@for b in $(BINARIES); do \
 		echo "go build $${b%%=*}"; \
-		$(GO) build -trimpath -o $(BIN)/$${b%%=*} $${b#*=}; \
+		$(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o $(BIN)/$${b%%=*} $${b#*=}; \
 	done
 
 # The pinned kube binaries (etcd, kube-apiserver, kube-controller-manager,

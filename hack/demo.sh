@@ -118,8 +118,10 @@ for ns in "${restart[@]}"; do k -n "$ns" rollout restart deploy/client >/dev/nul
 for ns in demo legacy; do
 	k -n "$ns" rollout status deploy/client --timeout=120s >/dev/null
 done
-k get pods -n demo -o wide --no-headers | awk '{ printf "   demo/%-28s %-8s %-12s %s\n", $1, $3, $6, $7 }'
-k get pods -n legacy -o wide --no-headers | awk '{ printf "   legacy/%-26s %-8s %-12s %s\n", $1, $3, $6, $7 }'
+# (Pods of the restarted clients' old ReplicaSet may still be going.)
+for ns in demo legacy; do
+	k get pods -n "$ns" -o wide --no-headers | awk -v ns="$ns" '$3 == "Running" { printf "   %-34s %-12s %s\n", ns "/" $1, $6, $7 }'
+done
 pass "running in $((SECONDS - t0))s; demo/client sends a request a second to Service echo ($vip), legacy/client to $legacy_echo_ip"
 
 # --- 4. the verdict ---------------------------------------------------------
@@ -131,7 +133,7 @@ t0=$SECONDS
 ok=0
 for _ in $(seq 30); do
 	if meshctl mtls status -n demo -o json >"$tmp/status.json" 2>/dev/null &&
-		grep -q '"mtls_connections": [2-9]' "$tmp/status.json"; then
+		grep -Eq '"mtls_connections": ([2-9]|[1-9][0-9]+),' "$tmp/status.json"; then
 		ok=1
 		break
 	fi

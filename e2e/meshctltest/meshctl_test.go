@@ -18,6 +18,9 @@ import (
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
 
 	"github.com/meshlite/meshlite/e2e/sandbox"
 	"github.com/meshlite/meshlite/meshctl/mtls"
@@ -433,6 +436,43 @@ spec:
 		}
 	})
 
+	t.Run("WaypointApplyListDelete", func(t *testing.T) {
+		r := meshctl(t, "--kubeconfig", kc, "waypoint", "apply", "-n", meshNS, "--for", "workload", "--enroll-namespace")
+		if r.code != 0 {
+			t.Fatalf("apply: exit %d %s%s", r.code, r.stdout, r.stderr)
+		}
+		u, err := dynamicGet(ctx, sb, meshNS, "waypoint")
+		if err != nil {
+			t.Fatalf("the Gateway: %v", err)
+		}
+		class, _, _ := unstructured.NestedString(u.Object, "spec", "gatewayClassName")
+		ls, _, _ := unstructured.NestedSlice(u.Object, "spec", "listeners")
+		if class != "istio-waypoint" || len(ls) != 1 || u.GetLabels()["istio.io/waypoint-for"] != "workload" {
+			t.Errorf("gateway: class %q listeners %v labels %v", class, ls, u.GetLabels())
+		} else if l := ls[0].(map[string]any); l["name"] != "mesh" || l["protocol"] != "HBONE" || fmt.Sprint(l["port"]) != "15008" {
+			t.Errorf("listener %v", l)
+		}
+		ns, _ := sb.Client().CoreV1().Namespaces().Get(ctx, meshNS, metav1.GetOptions{})
+		if ns.Labels["istio.io/use-waypoint"] != "waypoint" {
+			t.Errorf("namespace labels %v", ns.Labels)
+		}
+		r = meshctl(t, "--kubeconfig", kc, "waypoint", "list", "-n", meshNS)
+		if r.code != 0 || !regexpLine(r.stdout, `^`+meshNS+` +waypoint +workload +\S+ +yes$`) {
+			t.Errorf("list: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+		}
+		r = meshctl(t, "--kubeconfig", kc, "waypoint", "delete", "-n", meshNS)
+		if r.code != 0 {
+			t.Fatalf("delete: exit %d %s%s", r.code, r.stdout, r.stderr)
+		}
+		if _, err := dynamicGet(ctx, sb, meshNS, "waypoint"); !apierrors.IsNotFound(err) {
+			t.Errorf("the Gateway after delete: %v", err)
+		}
+		ns, _ = sb.Client().CoreV1().Namespaces().Get(ctx, meshNS, metav1.GetOptions{})
+		if _, has := ns.Labels["istio.io/use-waypoint"]; has {
+			t.Errorf("namespace still uses the deleted waypoint: %v", ns.Labels)
+		}
+	})
+
 	t.Run("MarksZtunnelThatDoesNotAnswer", func(t *testing.T) {
 		// A pod labelled app=ztunnel on node-1 that listens on no admin
 		// port: the port-forward to its 15000 fails as with a hung or
@@ -523,6 +563,15 @@ current-context: gone
 	if r.code != 1 || !strings.Contains(r.stderr, "load kubeconfig") {
 		t.Errorf("missing kubeconfig: exit %d, stderr %q", r.code, r.stderr)
 	}
+}
+
+func dynamicGet(ctx context.Context, sb *sandbox.Sandbox, ns, name string) (*unstructured.Unstructured, error) {
+	dyn, err := dynamic.NewForConfig(sb.RESTConfig())
+	if err != nil {
+		return nil, err
+	}
+	gvr := schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "gateways"}
+	return dyn.Resource(gvr).Namespace(ns).Get(ctx, name, metav1.GetOptions{})
 }
 
 func regexpLine(s, re string) bool {

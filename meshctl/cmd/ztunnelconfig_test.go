@@ -103,3 +103,16 @@ func golden(t *testing.T, path string, got []byte) {
 		t.Errorf("%s differs (go test -update rewrites it):\n--- got\n%s--- want\n%s", path, got, want)
 	}
 }
+
+func TestMergeValues_LaterFilesWinDeeply(t *testing.T) {
+	a := map[string]any{"ztunnel": map[string]any{"tunnel": "h2", "logLevel": "info"}, "x": 1}
+	b := map[string]any{"ztunnel": map[string]any{"tunnel": "quic"}, "y": 2}
+	m := mergeValues(a, b)
+	z := m["ztunnel"].(map[string]any)
+	if z["tunnel"] != "quic" || z["logLevel"] != "info" || m["x"] != 1 || m["y"] != 2 {
+		t.Errorf("%v", m)
+	}
+	if a["ztunnel"].(map[string]any)["tunnel"] != "h2" {
+		t.Error("merge wrote into its input")
+	}
+}
