@@ -1,10 +1,12 @@
 // Package app assembles ztunnel from its parts: the mesh roots and the
 // certificate manager (certs), the Workload API state fed by a Delta ADS
-// client of istiod-lite (state, internal/xds), the data path (proxy), the
-// CNI agent's pods (inpod) and the node endpoints (admin). It owns the
-// order in which they start and stop and the glue between them (a pod handed
-// over by ZDS gets a certificate and is served by the proxy); it holds no
-// logic of its own beyond that.
+// client of istiod-lite (state, internal/xds, with on-demand lookups of
+// unknown destinations), the data path (proxy), the DNS proxy (dns), the
+// CNI agent's pods (inpod), the redirection check (redirection) and the node
+// endpoints (admin). It owns the order in which they start and stop, the
+// hand-over to a successor ztunnel on stop, and the glue between them (a
+// pod handed over by ZDS gets a certificate and is served by the proxy and
+// the DNS proxy); it holds no logic of its own beyond that.
 package app
 
 import (
@@ -161,6 +163,10 @@ type App struct {
 	redirect redirection.Checker
 
 	draining atomic.Bool
+	// handedOver is closed when a successor listens in every pod: the pods'
+	// QUIC sockets close at once (see Serve).
+	handedOver     chan struct{}
+	handedOverOnce sync.Once
 }
 
 // New builds every part; nothing runs until Run. Listeners of the admin
@@ -174,7 +180,8 @@ func New(cfg Config) (*App, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ztunnel config: trust domain: %w", err)
 	}
-	a := &App{cfg: cfg, log: cfg.Log, registry: prometheus.NewRegistry(), served: map[string]string{}, netns: map[string]*podnet.NS{}}
+	a := &App{cfg: cfg, log: cfg.Log, registry: prometheus.NewRegistry(), served: map[string]string{}, netns: map[string]*podnet.NS{},
+		handedOver: make(chan struct{})}
 	a.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	part := func(name string) *slog.Logger { return cfg.Log.With("part", name) }
 	ok := false
@@ -378,6 +385,7 @@ func (a *App) handover(failed <-chan error) {
 		waiting := a.podsWithoutSuccessor()
 		if len(waiting) == 0 {
 			a.log.Info("handover: a successor listens in every pod; stopping accepting", "after", time.Since(start).Round(time.Millisecond))
+			a.handedOverOnce.Do(func() { close(a.handedOver) })
 			return
 		}
 		select {
@@ -577,7 +585,24 @@ func (s podServer) Serve(ctx context.Context, p inpod.Pod, socks *inpod.Sockets)
 	serve("outbound", func() error { return a.proxy.ServeOutbound(ctx, socks.Outbound, uid) })
 	serve("plaintext", func() error { return a.proxy.ServePlaintext(ctx, socks.Plaintext, uid) })
 	serve("hbone", func() error { return a.proxy.ServeHBONE(ctx, socks.HBONE) })
-	serve("hbone-quic", func() error { return a.proxy.ServeHBONEQUIC(ctx, socks.HBONEUDP) })
+	// UDP has no accept queue: with the successor's socket beside this
+	// one (SO_REUSEPORT), datagrams of new QUIC connections would be
+	// spread over both, and this one no longer accepts. So once handed
+	// over, the QUIC socket closes at once (its tunnels end; the clients
+	// dial again, reaching the successor) instead of draining.
+	qctx, qcancel := context.WithCancel(ctx)
+	defer qcancel()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		select {
+		case <-a.handedOver:
+			qcancel()
+			socks.HBONEUDP.Close()
+		case <-qctx.Done():
+		}
+	}()
+	serve("hbone-quic", func() error { return a.proxy.ServeHBONEQUIC(qctx, socks.HBONEUDP) })
 	serve("dns-udp", func() error { return a.dns.ServeUDP(ctx, socks.DNSUDP, socks.NS) })
 	serve("dns-tcp", func() error { return a.dns.ServeTCP(ctx, socks.DNSTCP, socks.NS) })
 	wg.Wait()

@@ -20,7 +20,7 @@ type fakeState struct {
 	eps  map[string][]*workload.Workload
 }
 
-func (f *fakeState) Service(key string) *workload.Service         { return f.svcs[key] }
+func (f *fakeState) Service(key string) *workload.Service      { return f.svcs[key] }
 func (f *fakeState) Endpoints(key string) []*workload.Workload { return f.eps[key] }
 
 func ip(s string) []byte { return netip.MustParseAddr(s).AsSlice() }

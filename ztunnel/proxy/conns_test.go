@@ -88,7 +88,9 @@ func TestConnections_TableAndIstioMetricsForAnHBONEConnection(t *testing.T) {
 				in = ci
 			}
 		}
-		if out.BytesSent == int64(len(msg)) && in.BytesSent == int64(len(msg)) {
+		// Counters move just after the bytes do: wait for all four.
+		n := int64(len(msg))
+		if out.BytesSent == n && in.BytesSent == n && out.BytesReceived == n && in.BytesReceived == n {
 			break
 		}
 		if time.Now().After(deadline) {

@@ -55,6 +55,7 @@ func (p *Proxy) outbound(ctx context.Context, c net.Conn, uid string, log *slog.
 		reset(c)
 		return
 	}
+	p.learnSrcIP(src.Addr(), pod)
 	srcWl := p.cfg.State.Workload(uid)
 	up, err := p.cfg.State.Resolve(srcWl, p.cfg.Network, dst)
 	if err == nil && up.Kind == state.Passthrough && up.Workload == nil && up.Service == nil && p.cfg.Lookup != nil {

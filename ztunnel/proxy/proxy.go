@@ -136,6 +136,11 @@ type Proxy struct {
 
 	mu   sync.RWMutex
 	pods map[string]*Pod
+	// srcIPs are local pods' addresses seen as the source of their own
+	// captured outbound connections, for a pod whose Workload has not
+	// arrived from istiod-lite yet (a pod's first connections right after
+	// it starts).
+	srcIPs map[netip.Addr]*Pod
 
 	fbMu     sync.Mutex
 	fallback map[netip.AddrPort]time.Time // endpoint -> use h2 until
@@ -179,7 +184,7 @@ func New(cfg Config) (*Proxy, error) {
 			return nil, err
 		}
 	}
-	p := &Proxy{cfg: cfg, log: cfg.Log, pods: map[string]*Pod{}, fallback: map[netip.AddrPort]time.Time{},
+	p := &Proxy{cfg: cfg, log: cfg.Log, pods: map[string]*Pod{}, srcIPs: map[netip.Addr]*Pod{}, fallback: map[netip.AddrPort]time.Time{},
 		metrics: cfg.Metrics, conns: connTable{conns: map[uint64]*tracked{}}}
 	ccfg := hbone.ClientConfig{
 		Bundle:           cfg.Bundle,
@@ -199,7 +204,7 @@ func New(cfg Config) (*Proxy, error) {
 		Bundle:       cfg.Bundle,
 		// Any workload of the mesh's trust domain may connect; who may
 		// reach what is policy's job, after the handshake.
-		Authorize: identity.AuthorizeMemberOf(td),
+		Authorize:    identity.AuthorizeMemberOf(td),
 		Handler:      p.countRefusals(p.inbound),
 		Logger:       cfg.Log,
 		DrainTimeout: cfg.DrainTimeout,
@@ -225,6 +230,34 @@ func (p *Proxy) AddPod(pod *Pod) {
 func (p *Proxy) RemovePod(uid string) {
 	p.mu.Lock()
 	delete(p.pods, uid)
+	for ip, pod := range p.srcIPs {
+		if pod != nil && pod.UID == uid {
+			delete(p.srcIPs, ip)
+		}
+	}
+	p.mu.Unlock()
+}
+
+// learnSrcIP records ip as pod's: the source of a connection captured on
+// the pod's own outbound listener, inside its netns, is the pod's address.
+// An address seen from two pods is ambiguous and kept as nil: neither pod
+// gets it (fail closed rather than start a tunnel in the wrong pod).
+func (p *Proxy) learnSrcIP(ip netip.Addr, pod *Pod) {
+	if !ip.IsValid() || ip.IsUnspecified() {
+		return
+	}
+	p.mu.RLock()
+	cur, seen := p.srcIPs[ip]
+	p.mu.RUnlock()
+	if seen && (cur == pod || cur == nil) {
+		return
+	}
+	p.mu.Lock()
+	if cur, seen := p.srcIPs[ip]; seen && cur != pod {
+		p.srcIPs[ip] = nil
+	} else if p.pods[pod.UID] == pod {
+		p.srcIPs[ip] = pod
+	}
 	p.mu.Unlock()
 }
 
@@ -243,8 +276,19 @@ func (p *Proxy) podByIP(ip netip.Addr) (*Pod, *workload.Workload) {
 	return p.pod(w.GetUid()), w
 }
 
+// sourcePod is the local pod a tunnel from src starts in: by its Workload,
+// or, before that arrived, by the addresses its connections came from.
+func (p *Proxy) sourcePod(src netip.Addr) *Pod {
+	if pod, _ := p.podByIP(src); pod != nil {
+		return pod
+	}
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return p.srcIPs[src]
+}
+
 func (p *Proxy) dialFromPod(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
-	pod, _ := p.podByIP(src)
+	pod := p.sourcePod(src)
 	if pod == nil {
 		return nil, fmt.Errorf("no local pod with IP %s", src)
 	}
@@ -252,7 +296,7 @@ func (p *Proxy) dialFromPod(ctx context.Context, src netip.Addr, dst netip.AddrP
 }
 
 func (p *Proxy) listenUDPInPod(ctx context.Context, src netip.Addr) (net.PacketConn, error) {
-	pod, _ := p.podByIP(src)
+	pod := p.sourcePod(src)
 	if pod == nil {
 		return nil, fmt.Errorf("no local pod with IP %s", src)
 	}

@@ -305,6 +305,9 @@ func TestOutbound_AutoFallsBackToH2AndRemembers(t *testing.T) {
 	if !e.proxy.preferH2(tcpOnly) {
 		t.Fatal("fallback not remembered")
 	}
+	if fb := e.proxy.Fallbacks(); len(fb) != 1 || fb[0].Endpoint != tcpOnly.String() || time.Until(fb[0].Until) < time.Minute {
+		t.Fatalf("Fallbacks() = %+v, want %s for the fallback TTL", fb, tcpOnly)
+	}
 	first := time.Since(start)
 	start = time.Now()
 	if err := roundTrip(e.outbound, clientIP); err != nil {
@@ -483,4 +486,31 @@ func TestPlaintext_PermissiveAllowsStrictRefuses(t *testing.T) {
 			t.Fatalf("mTLS under STRICT: %v\n%s", err, e.logs)
 		}
 	})
+}
+
+// A pod's first connections can come before istiod-lite pushed its own
+// Workload: ztunnel knows the pod (ZDS handed it over) and its address
+// (the source of what its capture listener accepted), so the tunnel starts
+// from the pod with its identity anyway.
+func TestOutbound_SourcePodNotYetInTheState(t *testing.T) {
+	e := newEnv(t, TunnelH2)
+	if err := e.store.ApplyAddresses(nil, []string{"Kubernetes//Pod/default/sleep"}); err != nil {
+		t.Fatal(err)
+	}
+	if e.store.WorkloadByIP("", clientIP) != nil {
+		t.Fatal("the client's Workload is still known")
+	}
+	e.setOrigDst(netip.AddrPortFrom(serverIP, e.appPort))
+	if err := roundTrip(e.outbound, clientIP); err != nil {
+		t.Fatalf("round trip from a pod whose Workload has not arrived: %v\n%s", err, e.logs)
+	}
+	// The destination checked the tunnel's certificate: the client pod's
+	// (its access log line comes when the relay ends).
+	deadline := time.Now().Add(2 * time.Second)
+	for !strings.Contains(e.logs.String(), "src.identity="+e.ids["sleep"].String()) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !strings.Contains(e.logs.String(), "src.identity="+e.ids["sleep"].String()) {
+		t.Errorf("the inbound side did not see the client pod's identity:\n%s", e.logs)
+	}
 }
