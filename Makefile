@@ -44,7 +44,7 @@ deps:
 test: build test-proto test-unit test-fuzz test-interop test-e2e
 
 UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/e2e/')
-E2E_PKGS  = $(shell $(GO) list ./e2e/...)
+E2E_PKGS ?= $(shell $(GO) list ./e2e/...)
 
 # Unit and loopback integration tests (everything outside e2e/), with the race detector.
 test-unit: deps
@@ -54,10 +54,11 @@ test-unit: deps
 	$(GO) test -count=1 -run 'TestTunnel_LargeTransferSHA256' -v ./internal/hbone | grep -E '^(=== RUN|--- |ok|FAIL|PASS)|MiB'
 
 # The sandbox cluster and its end-to-end tests (root; real kube-apiserver, netns, iptables).
-# They start from a clean sandbox: a running one (say, from `make demo`) is removed first.
+# They take a free sandbox instance (hack/with-sandbox.sh) and start it clean: a
+# running one (say, from `make demo`) is removed first. E2E_PKGS=./e2e/meshtest runs one suite.
 test-e2e: build deps
-	$(BIN)/sandbox down
-	$(GO) test -race -count=1 -p 1 -timeout 30m $(E2E_PKGS)
+	hack/with-sandbox.sh sh -c '$(BIN)/sandbox down && $(GO) test -race -count=1 -p 1 -timeout 40m $(E2E_PKGS)'
+
 
 # Fails when the committed generated code differs from what `make proto` makes.
 test-proto:
