@@ -6,6 +6,11 @@
 //
 // # Layout
 //
+// Instance 0 (the default) is described here; instance i of
+// $MESHLITE_SANDBOX_INSTANCE has its own prefix sb<i>, underlay 172.(30+i),
+// pods 10.(244+i), services 10.(96+i), etcd ports and state dir
+// (netlab.PlanFor), so instances run side by side (hack/with-sandbox.sh).
+//
 // The host is 172.30.0.1 on the underlay (link sbx-host; the bridge lives in
 // namespace sbx-underlay); node i is namespace sbx-node-<i> with address
 // 172.30.0.(10+i) and pod CIDR 10.244.<i>.0/24; pods are namespaces
@@ -24,6 +29,7 @@
 // # Environment
 //
 //   - MESHLITE_SANDBOX_DIR: state dir.
+//   - MESHLITE_SANDBOX_INSTANCE: which instance (default 0).
 //   - MESHLITE_KUBE_BINS: directory of etcd and the control-plane binaries
 //     (default <repo>/.cache/kube/<version>, from hack/kube-bins.sh).
 //   - MESHLITE_SANDBOX_KEEP=1: tests keep the sandbox they bring up.
