@@ -131,7 +131,7 @@ func result(o Options, rows []*row, profiles []profile.Summary) report.Result {
 	res := report.Result{
 		Scenario: Name,
 		Description: fmt.Sprintf("fortio %s load over TCP (fortio tcp-echo server: each call writes a %d-byte payload and reads its echo, on %d kept connections) at a fixed %d qps for %s, "+
-			"from a client pod on node 0 to a server pod on node 1: no mesh, then through ztunnel with --tunnel=h2 and with --tunnel=quic (the real mesh from e2e/manifests). "+
+			"from a client pod on node 0 to a server pod on node 1: no mesh, then through ztunnel with --tunnel=h2 and with --tunnel=quic (the real mesh from the Helm chart). "+
 			"TCP echo measures the L4 path alone (no HTTP parsing at either end). Connection rate: %d parallel loops, each opening a new TCP connection to the echo server, "+
 			"sending one byte, reading its echo and closing (RST), for %s; through the mesh every connection is a new HBONE CONNECT stream (pooled h2/QUIC connection between the ztunnels). "+
 			"Command: `fortio load -qps %d -c %d -t %s -payload-size %d -p 50,90,99 -json - tcp://<server pod IP>:%d` against `fortio tcp-echo -tcp-port 0.0.0.0:%d`.",

@@ -231,7 +231,7 @@ func result(o Options, rows []*row, profiles []profile.Summary) report.Result {
 	res := report.Result{
 		Scenario: Name,
 		Description: fmt.Sprintf("iperf3 %s from a client pod on node 0 to a server pod on node 1 of the sandbox, %s per run, %d round(s) interleaving the rows, median reported. "+
-			"No mesh: pod IP to pod IP, namespace not enrolled. ztunnel rows: the real mesh (istiod-lite, CNI agent, ztunnel DaemonSet from e2e/manifests) with --tunnel=h2, then reinstalled with --tunnel=quic; "+
+			"No mesh: pod IP to pod IP, namespace not enrolled. ztunnel rows: the real mesh from the Helm chart (istiod-lite, CNI agent, ztunnel DaemonSet) with ztunnel.tunnel=h2, then upgraded to ztunnel.tunnel=quic; "+
 			"iperf3 dials the server pod's IP and the in-pod redirect takes it through ztunnel on both nodes (HBONE, mTLS with SPIFFE identities). "+
 			"Peer pairs: the client side runs in the client pod on 127.0.0.1, carries the stream over TLS 1.3 with client and server certificates from a test CA to the server side in the server pod, which forwards to iperf3 -s on 127.0.0.1. "+
 			"Every process (iperf3, proxies, ztunnels, the sandbox's control plane) shares the machine's cores. Command: `iperf3 -c <server pod IP, or 127.0.0.1:<client proxy port>> -t %d -P {1,8} -J` against `iperf3 -s -p 5201`.",

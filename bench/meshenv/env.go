@@ -16,10 +16,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
 
-	"github.com/meshlite/meshlite/e2e/cluster/manifest"
+	"github.com/meshlite/meshlite/e2e/meshinstall"
 	"github.com/meshlite/meshlite/e2e/netlab"
 	"github.com/meshlite/meshlite/e2e/sandbox"
 	"github.com/meshlite/meshlite/internal/kube"
@@ -28,9 +27,8 @@ import (
 // Namespaces the benchmarks use: MeshNS is enrolled in ambient mode,
 // PlainNS is not.
 const (
-	MeshNS   = "bench-mesh"
-	PlainNS  = "bench-plain"
-	systemNS = "istio-system"
+	MeshNS  = "bench-mesh"
+	PlainNS = "bench-plain"
 )
 
 // Pod names in each namespace: the client runs on node 0, the server on node 1.
@@ -57,7 +55,7 @@ type Env struct {
 	Tools string
 	Log   *slog.Logger
 
-	applier  *manifest.Applier
+	mesh     *meshinstall.Mesh
 	use      *os.File
 	created  bool // this Env brought the sandbox up (and takes it down)
 	tunnel   Tunnel
@@ -111,10 +109,6 @@ func Open(ctx context.Context, log *slog.Logger) (*Env, error) {
 	if sb.Plan.Nodes < 2 {
 		e.Close()
 		return nil, fmt.Errorf("the sandbox has %d nodes; the benchmarks need 2", sb.Plan.Nodes)
-	}
-	if e.applier, err = manifest.NewApplier(sb.RESTConfig(), "meshlite-bench"); err != nil {
-		e.Close()
-		return nil, err
 	}
 	if err := e.pods(ctx); err != nil {
 		e.Close()
@@ -268,27 +262,6 @@ func (e *Env) deleteNamespace(ctx context.Context, ns string) error {
 		_, err := cs.Get(ctx, ns, metav1.GetOptions{})
 		return apierrors.IsNotFound(err), nil
 	})
-}
-
-// readManifest decodes e2e/manifests/<file> after edit rewrites its text;
-// every edit must match, so a changed manifest fails loudly here.
-func (e *Env) readManifest(file string, edits ...[2]string) ([]*unstructured.Unstructured, error) {
-	raw, err := os.ReadFile(filepath.Join(e.Repo, "e2e", "manifests", file))
-	if err != nil {
-		return nil, err
-	}
-	text := string(raw)
-	for _, ed := range edits {
-		if !strings.Contains(text, ed[0]) {
-			return nil, fmt.Errorf("e2e/manifests/%s: no %q to rewrite for the benchmark", file, ed[0])
-		}
-		text = strings.Replace(text, ed[0], ed[1], 1)
-	}
-	objs, err := manifest.Decode([]byte(text))
-	if err != nil {
-		return nil, fmt.Errorf("e2e/manifests/%s: %w", file, err)
-	}
-	return objs, nil
 }
 
 // TempDir makes a directory for a tool's files that Close removes.

@@ -4,25 +4,21 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
-	"slices"
+	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/client-go/discovery"
-	"k8s.io/client-go/discovery/cached/memory"
-	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/restmapper"
 
-	"github.com/meshlite/meshlite/e2e/cluster/manifest"
+	"github.com/meshlite/meshlite/e2e/meshinstall"
 	"github.com/meshlite/meshlite/e2e/sandbox"
 	"github.com/meshlite/meshlite/internal/identity"
 	"github.com/meshlite/meshlite/internal/kube"
@@ -60,11 +56,13 @@ func (d *istiod) tlsConfig() *tls.Config {
 	}
 }
 
-// deployIstiod applies e2e/manifests/istiod-lite.yaml, waits for the pod to
-// be Ready and reads the root it published. Objects the manifest creates
-// are deleted when the test ends; ones that existed before (another test
-// binary's istiod-lite) are left alone, and so is the istio-system
-// namespace, which other mesh components share.
+// deployIstiod installs istiod-lite from the Helm chart (only that part of
+// it, through e2e/meshinstall, as `meshctl install` applies it: its
+// namespace, service account, least-privilege RBAC, readiness probe,
+// Service on 15012, non-root uid 1337), waits for the pod to be Ready and
+// reads the root it published. What it installs is uninstalled when the
+// test ends; a mesh someone else installed (make demo's) is used as it is
+// and left alone.
 func deployIstiod(t *testing.T, sb *sandbox.Sandbox) *istiod {
 	t.Helper()
 	repo, err := sandbox.RepoRoot()
@@ -76,41 +74,20 @@ func deployIstiod(t *testing.T, sb *sandbox.Sandbox) *istiod {
 			t.Fatalf("bin/%s missing (image meshlite/%s): run make build", b, b)
 		}
 	}
-	raw, err := os.ReadFile(filepath.Join(repo, "e2e", "manifests", "istiod-lite.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	objs, err := manifest.Decode(raw)
-	if err != nil {
-		t.Fatalf("e2e/manifests/istiod-lite.yaml: %v", err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	k, err := newKinds(sb)
+	start := time.Now()
+	mesh, err := meshinstall.Install(ctx, sb, meshinstall.Options{Components: []string{"istiod"}, Reuse: true})
 	if err != nil {
-		t.Fatal(err)
-	}
-	created, err := k.absent(ctx, objs)
-	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("install istiod-lite from the chart: %v", err)
 	}
 	t.Cleanup(func() {
-		var del []*unstructured.Unstructured
-		for _, o := range slices.Backward(created) {
-			if o.GetKind() != "Namespace" {
-				del = append(del, o)
-			}
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		if err := k.delete(ctx, del); err != nil {
-			t.Errorf("delete istiod-lite: %v", err)
+		if err := mesh.Uninstall(ctx); err != nil {
+			t.Errorf("uninstall istiod-lite: %v", err)
 		}
 	})
-	start := time.Now()
-	if _, err := sb.Apply(ctx, string(raw)); err != nil {
-		t.Fatalf("apply istiod-lite: %v", err)
-	}
 	pods, err := sb.WaitPodsRunning(ctx, systemNS, "app=istiod", 1, 2*time.Minute)
 	if err != nil {
 		var log []byte
@@ -121,6 +98,23 @@ func deployIstiod(t *testing.T, sb *sandbox.Sandbox) *istiod {
 	}
 	t.Logf("istiod-lite ready in %s (pod %s at %s on %s)", time.Since(start).Round(time.Millisecond),
 		pods[0].Name, pods[0].Status.PodIP, pods[0].Spec.NodeName)
+	// The chart runs istiod-lite as uid 1337: the process must really be
+	// that user (and so read its service-account token as one).
+	if psc := pods[0].Spec.SecurityContext; psc != nil && psc.RunAsUser != nil {
+		uid := psc.RunAsUser
+		netns, err := sb.PodNetns(ctx, systemNS, pods[0].Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := processUID("istiod-lite", netns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != *uid {
+			t.Errorf("istiod-lite runs as uid %d, its pod asks for %d", got, *uid)
+		}
+		t.Logf("istiod-lite runs as uid %d", got)
+	}
 
 	// The root as every namespace sees it.
 	var root *x509.Certificate
@@ -143,70 +137,42 @@ func deployIstiod(t *testing.T, sb *sandbox.Sandbox) *istiod {
 	return &istiod{pod: &p, addr: net.JoinHostPort(p.Status.PodIP, "15012"), root: root}
 }
 
-// kinds gets and deletes manifest objects through discovery.
-type kinds struct {
-	mapper *restmapper.DeferredDiscoveryRESTMapper
-	dyn    dynamic.Interface
-}
-
-func newKinds(sb *sandbox.Sandbox) (*kinds, error) {
-	rc := sb.RESTConfig()
-	dc, err := discovery.NewDiscoveryClientForConfig(rc)
+// processUID is the real uid of the process running executable exe in the
+// network namespace at netns (a pod's container, seen from the host).
+func processUID(exe, netns string) (int64, error) {
+	var want syscall.Stat_t
+	if err := syscall.Stat(netns, &want); err != nil {
+		return 0, fmt.Errorf("stat %s: %w", netns, err)
+	}
+	ents, err := os.ReadDir("/proc")
 	if err != nil {
-		return nil, err
+		return 0, err
 	}
-	dyn, err := dynamic.NewForConfig(rc)
-	if err != nil {
-		return nil, err
-	}
-	return &kinds{mapper: restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(dc)), dyn: dyn}, nil
-}
-
-func (k *kinds) resource(o *unstructured.Unstructured) (dynamic.ResourceInterface, error) {
-	gvk := o.GroupVersionKind()
-	m, err := k.mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
-	if err != nil {
-		return nil, fmt.Errorf("map %s: %w", gvk, err)
-	}
-	if o.GetNamespace() != "" {
-		return k.dyn.Resource(m.Resource).Namespace(o.GetNamespace()), nil
-	}
-	return k.dyn.Resource(m.Resource), nil
-}
-
-// absent returns the objects of objs that do not exist yet.
-func (k *kinds) absent(ctx context.Context, objs []*unstructured.Unstructured) ([]*unstructured.Unstructured, error) {
-	var out []*unstructured.Unstructured
-	for _, o := range objs {
-		ri, err := k.resource(o)
+	for _, d := range ents {
+		pid, err := strconv.Atoi(d.Name())
 		if err != nil {
-			return nil, err
+			continue
 		}
-		_, err = ri.Get(ctx, o.GetName(), metav1.GetOptions{})
-		switch {
-		case apierrors.IsNotFound(err):
-			out = append(out, o)
-		case err != nil:
-			return nil, fmt.Errorf("get %s %s: %w", o.GetKind(), o.GetName(), err)
+		path, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+		if err != nil || filepath.Base(strings.TrimSuffix(path, " (deleted)")) != exe {
+			continue
 		}
+		var st syscall.Stat_t
+		if syscall.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &st) != nil || st.Ino != want.Ino || st.Dev != want.Dev {
+			continue
+		}
+		status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			return 0, err
+		}
+		for _, line := range strings.Split(string(status), "\n") {
+			if f := strings.Fields(line); len(f) > 1 && f[0] == "Uid:" {
+				return strconv.ParseInt(f[1], 10, 64)
+			}
+		}
+		return 0, fmt.Errorf("/proc/%d/status has no Uid line", pid)
 	}
-	return out, nil
-}
-
-// delete deletes objs (absent ones are fine), dependents in the background.
-func (k *kinds) delete(ctx context.Context, objs []*unstructured.Unstructured) error {
-	var errs []error
-	bg := metav1.DeletePropagationBackground
-	for _, o := range objs {
-		ri, err := k.resource(o)
-		if err == nil {
-			err = ri.Delete(ctx, o.GetName(), metav1.DeleteOptions{PropagationPolicy: &bg})
-		}
-		if err != nil && !apierrors.IsNotFound(err) {
-			errs = append(errs, fmt.Errorf("delete %s %s: %w", o.GetKind(), o.GetName(), err))
-		}
-	}
-	return errors.Join(errs...)
+	return 0, fmt.Errorf("no %s process in %s", exe, netns)
 }
 
 func podLog(ctx context.Context, sb *sandbox.Sandbox, name string) []byte {

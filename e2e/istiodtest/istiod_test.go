@@ -39,7 +39,7 @@ func TestMain(m *testing.M) { sandbox.TestMain(m) }
 // pushBudget is how soon a change in the API must reach a client.
 const pushBudget = time.Second
 
-// TestIstiodLite_InSandbox deploys istiod-lite from its manifest and checks
+// TestIstiodLite_InSandbox deploys istiod-lite from the chart and checks
 // what a ztunnel would see, step by step on the same cluster state.
 func TestIstiodLite_InSandbox(t *testing.T) {
 	sb := sandbox.Start(t)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -108,6 +109,74 @@ func prepareHostPath(p string, t *v1.HostPathType) error {
 type volFile struct {
 	data []byte
 	mode os.FileMode
+	// uid owns the file when set (a token given to the pod's user);
+	// otherwise root does.
+	uid *int64
+}
+
+// volumeOwner is who a pod's volumes are made for, as a kubelet sets it
+// up: fsGroup (pod securityContext) owns every file of the pod's
+// configMap, secret, downward API, projected and emptyDir volumes, with
+// group read (and write for emptyDir) added; fsUser, the uid every
+// container of the pod runs as when they all share one, owns the
+// service-account token files, which are then 0600. Without either, a
+// token file gets the volume's default mode (0644), as with a kubelet.
+type volumeOwner struct {
+	fsUser, fsGroup *int64
+}
+
+// podVolumeOwner reads the owner of pod's volumes from its security
+// contexts.
+func podVolumeOwner(pod *v1.Pod) volumeOwner {
+	var o volumeOwner
+	if psc := pod.Spec.SecurityContext; psc != nil && psc.FSGroup != nil {
+		g := *psc.FSGroup
+		o.fsGroup = &g
+	}
+	o.fsUser = fsUserOf(pod)
+	return o
+}
+
+// fsUserOf is the uid all of pod's containers (init and ephemeral ones
+// too) run as, or nil when one of them has none set (it would run as the
+// image's user, unknown here) or they differ.
+func fsUserOf(pod *v1.Pod) *int64 {
+	var podUID *int64
+	if psc := pod.Spec.SecurityContext; psc != nil {
+		podUID = psc.RunAsUser
+	}
+	var uid *int64
+	same := func(sc *v1.SecurityContext) bool {
+		u := podUID
+		if sc != nil && sc.RunAsUser != nil {
+			u = sc.RunAsUser
+		}
+		if u == nil || (uid != nil && *uid != *u) {
+			return false
+		}
+		uid = u
+		return true
+	}
+	for i := range pod.Spec.InitContainers {
+		if !same(pod.Spec.InitContainers[i].SecurityContext) {
+			return nil
+		}
+	}
+	for i := range pod.Spec.Containers {
+		if !same(pod.Spec.Containers[i].SecurityContext) {
+			return nil
+		}
+	}
+	for i := range pod.Spec.EphemeralContainers {
+		if !same(pod.Spec.EphemeralContainers[i].SecurityContext) {
+			return nil
+		}
+	}
+	if uid == nil {
+		return nil
+	}
+	u := *uid
+	return &u
 }
 
 // tokenEntry is a cached service-account token of a projected volume.
@@ -175,7 +244,17 @@ func (p *podRun) setupVolume(ctx context.Context, pod *v1.Pod, vol *v1.Volume) (
 			return "", err
 		}
 		// World-writable like a kubelet's emptyDir, for non-root containers.
-		return dir, os.Chmod(dir, 0o777)
+		if err := os.Chmod(dir, 0o777); err != nil {
+			return "", err
+		}
+		if g := podVolumeOwner(pod).fsGroup; g != nil {
+			// And the fsGroup's, so files made there inherit the group.
+			if err := os.Chown(dir, -1, int(*g)); err != nil {
+				return "", fmt.Errorf("give %s to fsGroup %d: %w", dir, *g, err)
+			}
+			return dir, os.Chmod(dir, 0o777|fs.ModeSetgid)
+		}
+		return dir, nil
 	case vol.ConfigMap != nil, vol.Secret != nil, vol.DownwardAPI != nil, vol.Projected != nil:
 		files, err := p.volumeFiles(ctx, pod, vol)
 		if err != nil {
@@ -184,7 +263,7 @@ func (p *podRun) setupVolume(ctx context.Context, pod *v1.Pod, vol *v1.Volume) (
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return "", err
 		}
-		return dir, writeVolumeFiles(dir, files)
+		return dir, writeVolumeFiles(dir, files, podVolumeOwner(pod).fsGroup)
 	}
 	return "", errors.New("volume type not supported by the sandbox kubelet")
 }
@@ -211,7 +290,7 @@ func (p *podRun) refreshVolumesLoop(ctx context.Context) {
 				p.log.Warn("refresh volume", "volume", vol.Name, "err", err)
 				continue
 			}
-			if err := writeVolumeFiles(filepath.Join(p.dir, "volumes", vol.Name), files); err != nil {
+			if err := writeVolumeFiles(filepath.Join(p.dir, "volumes", vol.Name), files, podVolumeOwner(pod).fsGroup); err != nil {
 				p.log.Warn("refresh volume", "volume", vol.Name, "err", err)
 			}
 		}
@@ -377,12 +456,15 @@ func (p *podRun) addTokenFile(ctx context.Context, pod *v1.Pod, files map[string
 			p.mu.Unlock()
 		}
 	}
-	// Tokens are private to the pod: 0600 unless the volume says otherwise.
-	mode := def
-	if mode == 0o644 {
-		mode = 0o600
+	// As a kubelet does: a token made for the pod's user or fsGroup is
+	// theirs alone (0600, then group-readable through the fsGroup);
+	// otherwise it has the volume's mode, readable by whatever user the
+	// containers run as.
+	f := volFile{data: []byte(cached.token), mode: def}
+	if o := podVolumeOwner(pod); o.fsUser != nil || o.fsGroup != nil {
+		f.mode, f.uid = 0o600, o.fsUser
 	}
-	files[src.Path] = volFile{data: []byte(cached.token), mode: mode}
+	files[src.Path] = f
 	return nil
 }
 
@@ -401,8 +483,9 @@ func validVolumePath(rel string) error {
 
 // writeVolumeFiles makes dir hold exactly files: changed ones are replaced
 // by rename (a running container sees old or new, never half), stale ones
-// removed.
-func writeVolumeFiles(dir string, files map[string]volFile) error {
+// removed. With fsGroup, the group owns dir and everything in it, and may
+// read it (as a kubelet sets up a read-only volume's ownership).
+func writeVolumeFiles(dir string, files map[string]volFile, fsGroup *int64) error {
 	want := map[string]bool{}
 	for rel, f := range files {
 		if err := validVolumePath(rel); err != nil {
@@ -413,24 +496,89 @@ func writeVolumeFiles(dir string, files map[string]volFile) error {
 		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 			return fmt.Errorf("create dir for %s: %w", rel, err)
 		}
-		if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, f.data) {
-			if st, err := os.Stat(path); err == nil && st.Mode().Perm() == f.mode {
-				continue
-			}
+		uid, gid, mode := 0, 0, f.mode
+		if f.uid != nil {
+			uid = int(*f.uid)
 		}
-		if err := writeFileAtomic(path, f.data, f.mode); err != nil {
+		if fsGroup != nil {
+			gid, mode = int(*fsGroup), mode|0o440
+		}
+		if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, f.data) && ownedAs(path, uid, gid, mode) {
+			continue
+		}
+		if err := writeOwnedFileAtomic(path, f.data, mode, uid, gid); err != nil {
 			return err
 		}
 	}
-	return filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
 			return err
+		}
+		if d.IsDir() {
+			if fsGroup == nil {
+				return nil
+			}
+			// Directories: the group may list and enter them; new files
+			// inherit the group (setgid).
+			if err := os.Chown(path, -1, int(*fsGroup)); err != nil {
+				return fmt.Errorf("give %s to fsGroup %d: %w", path, *fsGroup, err)
+			}
+			st, err := os.Stat(path)
+			if err != nil {
+				return err
+			}
+			return os.Chmod(path, st.Mode().Perm()|0o550|fs.ModeSetgid)
 		}
 		if !want[path] {
 			return os.Remove(path)
 		}
 		return nil
 	})
+	if err != nil {
+		return fmt.Errorf("volume dir %s: %w", dir, err)
+	}
+	return nil
+}
+
+// ownedAs reports whether path has owner uid:gid and permissions mode.
+func ownedAs(path string, uid, gid int, mode os.FileMode) bool {
+	st, err := os.Stat(path)
+	if err != nil || st.Mode().Perm() != mode {
+		return false
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	return ok && int(sys.Uid) == uid && int(sys.Gid) == gid
+}
+
+// writeOwnedFileAtomic is writeFileAtomic for a file owned by uid:gid,
+// who own it before it appears under its name.
+func writeOwnedFileAtomic(path string, data []byte, mode os.FileMode, uid, gid int) error {
+	if uid == 0 && gid == 0 {
+		return writeFileAtomic(path, data, mode)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path)+"-")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name())
+	_, err = tmp.Write(data)
+	if err == nil {
+		err = tmp.Chown(uid, gid)
+	}
+	if err == nil {
+		// After chown, which may clear mode bits.
+		err = tmp.Chmod(mode)
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), path)
+	}
+	if err != nil {
+		return fmt.Errorf("write %s (owner %d:%d): %w", path, uid, gid, err)
+	}
+	return nil
 }
 
 // containerMounts lists the bind mounts of a container: resolv.conf and

@@ -64,7 +64,7 @@ func TestWriteVolumeFiles_ReplacesAndPrunes(t *testing.T) {
 		"ca.crt":       {data: []byte("ca"), mode: 0o644},
 		"nested/a.txt": {data: []byte("a"), mode: 0o644},
 	}
-	if err := writeVolumeFiles(dir, files); err != nil {
+	if err := writeVolumeFiles(dir, files, nil); err != nil {
 		t.Fatal(err)
 	}
 	st, _ := os.Stat(filepath.Join(dir, "token"))
@@ -73,7 +73,7 @@ func TestWriteVolumeFiles_ReplacesAndPrunes(t *testing.T) {
 	}
 	delete(files, "nested/a.txt")
 	files["token"] = volFile{data: []byte("t2"), mode: 0o600}
-	if err := writeVolumeFiles(dir, files); err != nil {
+	if err := writeVolumeFiles(dir, files, nil); err != nil {
 		t.Fatal(err)
 	}
 	if b, _ := os.ReadFile(filepath.Join(dir, "token")); string(b) != "t2" {
@@ -83,7 +83,7 @@ func TestWriteVolumeFiles_ReplacesAndPrunes(t *testing.T) {
 		t.Fatal("stale file kept")
 	}
 	for _, bad := range []string{"../escape", "/abs", "a/../../b", ""} {
-		if err := writeVolumeFiles(dir, map[string]volFile{bad: {data: nil, mode: 0o644}}); err == nil {
+		if err := writeVolumeFiles(dir, map[string]volFile{bad: {data: nil, mode: 0o644}}, nil); err == nil {
 			t.Errorf("path %q accepted", bad)
 		}
 	}

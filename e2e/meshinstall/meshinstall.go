@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -23,6 +24,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/meshlite/meshlite/cni/install"
 	"github.com/meshlite/meshlite/cni/plugin"
@@ -79,14 +81,85 @@ func SandboxValues(sb *sandbox.Sandbox) []string {
 		// One replica, as e2e/manifests runs (ztunnel dials one pod IP;
 		// and CPU is scarce). The chart's default is two.
 		"istiod.replicas=1",
-		// kubelet-lite writes projected service-account tokens 0600 as
-		// root and, unlike a kubelet, does not give them to the
-		// container's runAsUser: istiod-lite could not read its token as
-		// uid 1337.
-		"istiod.podSecurityContext.runAsNonRoot=false",
-		"istiod.podSecurityContext.runAsUser=0",
-		"istiod.podSecurityContext.runAsGroup=0",
+		// istiod-lite runs as the chart says, uid 1337: kubelet-lite gives
+		// the service-account token to the pod's user as a kubelet does.
 	}
+}
+
+// component is one part of the mesh: its workload and pods' app label.
+type component struct{ name, kind, app string }
+
+// components are the parts Options.Components names, in install order.
+var components = []component{
+	{"istiod", "Deployment", "istiod"},
+	{"cni", "DaemonSet", "istio-cni-node"},
+	{"ztunnel", "DaemonSet", "ztunnel"},
+}
+
+// installedParts returns the mesh parts whose workload exists in the
+// sandbox (whoever installed them: this package, e2e/manifests, make demo).
+func installedParts(ctx context.Context, sb *sandbox.Sandbox) (map[string]bool, error) {
+	have := map[string]bool{}
+	apps := sb.Client().AppsV1()
+	for _, c := range components {
+		var err error
+		if c.kind == "Deployment" {
+			_, err = apps.Deployments(Namespace).Get(ctx, c.app, metav1.GetOptions{})
+		} else {
+			_, err = apps.DaemonSets(Namespace).Get(ctx, c.app, metav1.GetOptions{})
+		}
+		switch {
+		case err == nil:
+			have[c.name] = true
+		case !apierrors.IsNotFound(err):
+			return nil, fmt.Errorf("look for %s %s/%s: %w", c.kind, Namespace, c.app, err)
+		}
+	}
+	return have, nil
+}
+
+// reusable checks that the installed mesh serves what opts ask for: every
+// wanted part, and a CNI agent that captures opts.CaptureNamespaces (a
+// mesh another test left behind captures that test's namespaces only).
+func reusable(ctx context.Context, sb *sandbox.Sandbox, opts Options, have map[string]bool) error {
+	want := opts.Components
+	if len(want) == 0 {
+		want = []string{"istiod", "cni", "ztunnel"}
+	}
+	var missing []string
+	for _, w := range want {
+		if !have[w] {
+			missing = append(missing, w)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("the mesh installed in the sandbox lacks %s (a partial install another test left?): remove it first", strings.Join(missing, ", "))
+	}
+	if !slices.Contains(want, "cni") || len(opts.CaptureNamespaces) == 0 {
+		return nil
+	}
+	ds, err := sb.Client().AppsV1().DaemonSets(Namespace).Get(ctx, "istio-cni-node", metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("the installed CNI agent: %w", err)
+	}
+	var captured []string
+	for _, c := range ds.Spec.Template.Spec.Containers {
+		for _, a := range c.Args {
+			if v, ok := strings.CutPrefix(a, "--capture-namespaces="); ok && v != "" {
+				captured = append(captured, strings.Split(v, ",")...)
+			}
+		}
+	}
+	if len(captured) == 0 {
+		return nil // every enrolled namespace
+	}
+	for _, ns := range opts.CaptureNamespaces {
+		if !slices.Contains(captured, ns) {
+			return fmt.Errorf("the CNI agent installed in the sandbox captures only %s, not %s (another test's mesh left behind?): remove it first",
+				strings.Join(captured, ","), ns)
+		}
+	}
+	return nil
 }
 
 // Mesh is a mesh Install put into the sandbox.
@@ -132,19 +205,19 @@ func Render(ctx context.Context, sb *sandbox.Sandbox, opts Options) ([]*unstruct
 	return out, nil
 }
 
-// Installed reports whether a mesh (any installer's) runs in the sandbox.
+// Installed reports whether a mesh (any installer's, or any part of one:
+// istiod-lite, the CNI agent or ztunnel) runs in the sandbox.
 func Installed(ctx context.Context, sb *sandbox.Sandbox) (bool, error) {
-	_, err := sb.Client().AppsV1().DaemonSets(Namespace).Get(ctx, "ztunnel", metav1.GetOptions{})
-	if apierrors.IsNotFound(err) {
-		return false, nil
-	}
-	return err == nil, err
+	have, err := installedParts(ctx, sb)
+	return len(have) > 0, err
 }
 
 // Install installs the chart and waits until istiod-lite, a CNI agent and
 // a ztunnel on every node are ready. ztunnel goes last, once istiod-lite's
 // address is in ConfigMap ztunnel-xds. It refuses to install over a mesh
-// already there. On error, what was applied is removed again.
+// (or a part of one) already there, unless opts.Reuse accepts it; a reused
+// mesh must have the parts opts ask for and capture its namespaces. On
+// error, what was applied is removed again.
 func Install(ctx context.Context, sb *sandbox.Sandbox, opts Options) (_ *Mesh, err error) {
 	if opts.Timeout == 0 {
 		opts.Timeout = 2 * time.Minute
@@ -152,17 +225,37 @@ func Install(ctx context.Context, sb *sandbox.Sandbox, opts Options) (_ *Mesh, e
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
-	if have, err := Installed(ctx, sb); err != nil {
+	if have, err := installedParts(ctx, sb); err != nil {
 		return nil, err
-	} else if have && opts.Reuse {
-		istiod, err := sb.WaitPodsRunning(ctx, Namespace, "app=istiod", 1, opts.Timeout)
-		if err != nil {
-			return nil, fmt.Errorf("the installed mesh's istiod-lite is not ready: %w", err)
+	} else if len(have) > 0 && opts.Reuse {
+		if err := reusable(ctx, sb, opts, have); err != nil {
+			return nil, err
 		}
-		opts.Log.Info("using the mesh installed already", "istiod", istiod[0].Status.PodIP)
-		return &Mesh{sb: sb, log: opts.Log, reused: true, IstiodIP: istiod[0].Status.PodIP}, nil
-	} else if have {
-		return nil, fmt.Errorf("a mesh is installed in the sandbox already (DaemonSet %s/ztunnel); remove it first", Namespace)
+		m := &Mesh{sb: sb, log: opts.Log, reused: true}
+		if have["istiod"] {
+			istiod, err := sb.WaitPodsRunning(ctx, Namespace, "app=istiod", 1, opts.Timeout)
+			if err != nil {
+				return nil, fmt.Errorf("the installed mesh's istiod-lite is not ready: %w", err)
+			}
+			m.IstiodIP = istiod[0].Status.PodIP
+		}
+		for _, c := range components {
+			if c.kind == "DaemonSet" && have[c.name] {
+				if _, err := sb.WaitPodsRunning(ctx, Namespace, "app="+c.app, sb.Plan.Nodes, opts.Timeout); err != nil {
+					return nil, fmt.Errorf("the installed mesh's %s is not ready: %w", c.app, err)
+				}
+			}
+		}
+		opts.Log.Info("using the mesh installed already", "istiod", m.IstiodIP)
+		return m, nil
+	} else if len(have) > 0 {
+		var parts []string
+		for _, c := range components {
+			if have[c.name] {
+				parts = append(parts, c.kind+" "+Namespace+"/"+c.app)
+			}
+		}
+		return nil, fmt.Errorf("a mesh is installed in the sandbox already (%s); remove it first", strings.Join(parts, ", "))
 	}
 	for i := 0; i < sb.Plan.Nodes; i++ {
 		if chained(sb, i) {
@@ -298,26 +391,67 @@ func (m *Mesh) Upgrade(ctx context.Context, opts Options) error {
 		return err
 	}
 	for _, name := range []string{"istio-cni-node", "ztunnel"} {
-		err := m.sb.WaitFor(ctx, opts.Timeout, name+" rolled out", func(ctx context.Context) (bool, error) {
-			ds, err := apps.DaemonSets(Namespace).Get(ctx, name, metav1.GetOptions{})
-			if err != nil {
-				return false, nil
+		if renders(objs, name) {
+			if err := m.waitDaemonSet(ctx, name, opts.Timeout); err != nil {
+				return err
 			}
-			n := ds.Status.DesiredNumberScheduled
-			if ds.Status.ObservedGeneration < ds.Generation || n == 0 || ds.Status.UpdatedNumberScheduled != n ||
-				ds.Status.NumberAvailable != n || ds.Status.CurrentNumberScheduled != n {
-				return false, nil
-			}
-			// The old pods are gone too (a surge pod's predecessor drains).
-			l, err := m.sb.Client().CoreV1().Pods(Namespace).List(ctx, metav1.ListOptions{LabelSelector: "app=" + name})
-			return err == nil && len(l.Items) == int(n), nil
-		})
-		if err != nil {
-			return fmt.Errorf("%w\n%s", err, podLogs(m.sb, "app="+name))
 		}
 	}
 	return nil
 }
+
+// waitDaemonSet waits until DaemonSet name runs its current template on
+// every node and the old pods are gone (a surge pod's predecessor drains).
+func (m *Mesh) waitDaemonSet(ctx context.Context, name string, timeout time.Duration) error {
+	apps := m.sb.Client().AppsV1()
+	err := m.sb.WaitFor(ctx, timeout, name+" rolled out", func(ctx context.Context) (bool, error) {
+		ds, err := apps.DaemonSets(Namespace).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return false, nil
+		}
+		n := ds.Status.DesiredNumberScheduled
+		if ds.Status.ObservedGeneration < ds.Generation || n == 0 || ds.Status.UpdatedNumberScheduled != n ||
+			ds.Status.NumberAvailable != n || ds.Status.CurrentNumberScheduled != n {
+			return false, nil
+		}
+		l, err := m.sb.Client().CoreV1().Pods(Namespace).List(ctx, metav1.ListOptions{LabelSelector: "app=" + name})
+		return err == nil && len(l.Items) == int(n), nil
+	})
+	if err != nil {
+		return fmt.Errorf("%w\n%s", err, podLogs(m.sb, "app="+name))
+	}
+	return nil
+}
+
+// Restart rolls the pods of a DaemonSet part ("ztunnel" or "cni") as
+// `kubectl rollout restart` does, so that fresh processes run the same
+// configuration, and waits until the old pods are gone.
+func (m *Mesh) Restart(ctx context.Context, part string) error {
+	if m.reused {
+		return errors.New("restart: the mesh is not this installer's")
+	}
+	var name string
+	for _, c := range components {
+		if c.name == part && c.kind == "DaemonSet" {
+			name = c.app
+		}
+	}
+	if name == "" || !renders(m.objs, name) {
+		return fmt.Errorf("restart: %q is not a DaemonSet this mesh installed (ztunnel or cni)", part)
+	}
+	patch := fmt.Sprintf(`{"spec":{"template":{"metadata":{"annotations":{"kubectl.kubernetes.io/restartedAt":%q}}}}}`,
+		time.Now().Format(time.RFC3339Nano))
+	_, err := m.sb.Client().AppsV1().DaemonSets(Namespace).Patch(ctx, name, types.StrategicMergePatchType, []byte(patch),
+		metav1.PatchOptions{FieldManager: FieldManager + "-restart"})
+	if err != nil {
+		return fmt.Errorf("restart %s: %w", name, err)
+	}
+	return m.waitDaemonSet(ctx, name, 3*time.Minute)
+}
+
+// Reused reports whether Install found the mesh installed already (and
+// Uninstall leaves it).
+func (m *Mesh) Reused() bool { return m.reused }
 
 // Objects are the objects the chart rendered.
 func (m *Mesh) Objects() []*unstructured.Unstructured { return m.objs }

@@ -46,9 +46,10 @@ func TestRender_FitsTheChartToTheSandbox(t *testing.T) {
 			if n, _, _ := unstructured.NestedInt64(o.Object, "spec", "replicas"); n != 1 {
 				t.Errorf("istiod replicas %d in the sandbox", n)
 			}
-			// kubelet-lite's tokens are root's only (see SandboxValues).
-			if uid, _, _ := unstructured.NestedInt64(o.Object, "spec", "template", "spec", "securityContext", "runAsUser"); uid != 0 {
-				t.Errorf("istiod runs as uid %d in the sandbox", uid)
+			// As the chart says: kubelet-lite gives the pod's user its token.
+			sc, _, _ := unstructured.NestedMap(o.Object, "spec", "template", "spec", "securityContext")
+			if sc["runAsUser"] != int64(1337) || sc["runAsNonRoot"] != true {
+				t.Errorf("istiod's securityContext in the sandbox is %v, want the chart's non-root uid 1337", sc)
 			}
 		}
 	}

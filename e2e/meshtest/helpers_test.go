@@ -19,6 +19,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/meshlite/meshlite/e2e/echo"
+	"github.com/meshlite/meshlite/e2e/meshinstall"
 	"github.com/meshlite/meshlite/e2e/netlab"
 	"github.com/meshlite/meshlite/e2e/sandbox"
 	"github.com/meshlite/meshlite/internal/nsenter"
@@ -31,6 +32,8 @@ type env struct {
 	repo     string
 	objs     *objects
 	istiodIP string
+	// mesh is the installed mesh (installMesh's, or one it reused).
+	mesh *meshinstall.Mesh
 	// ztunnel is the ztunnel pod of each node, by node name.
 	ztunnel map[string]string
 }

@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/meshlite/meshlite/e2e/echo"
+	"github.com/meshlite/meshlite/e2e/meshinstall"
 	"github.com/meshlite/meshlite/e2e/sandbox"
 	"github.com/meshlite/meshlite/internal/kube"
 )
@@ -63,6 +64,34 @@ func TestMesh(t *testing.T) {
 	start := time.Now()
 	e.installMesh(t, []string{appNS, plainNS})
 	t.Logf("mesh installed in %v (istiod-lite at %s)", time.Since(start).Round(time.Millisecond), e.istiodIP)
+
+	t.Run("AnotherInstallerReusesTheMeshOnlyIfItCapturesItsNamespaces", func(t *testing.T) {
+		if e.mesh.Reused() {
+			t.Skip("the mesh was installed before this test, with its own capture list")
+		}
+		// A package that runs after this one while the mesh is still
+		// there (a failed uninstall) must not take a mesh blind to its
+		// namespaces, nor install a second one over it.
+		if _, err := meshinstall.Install(ctx, sb, meshinstall.Options{CaptureNamespaces: []string{"another-package"}, Reuse: true}); err == nil ||
+			!strings.Contains(err.Error(), "captures only") {
+			t.Errorf("reuse for namespace another-package: %v, want a refusal naming what the mesh captures", err)
+		}
+		if _, err := meshinstall.Install(ctx, sb, meshinstall.Options{CaptureNamespaces: []string{appNS}}); err == nil ||
+			!strings.Contains(err.Error(), "installed in the sandbox already") {
+			t.Errorf("a second install: %v, want a refusal", err)
+		}
+		m, err := meshinstall.Install(ctx, sb, meshinstall.Options{CaptureNamespaces: []string{plainNS}, Reuse: true})
+		if err != nil || !m.Reused() || m.IstiodIP != e.istiodIP {
+			t.Fatalf("reuse for namespace %s: %v", plainNS, err)
+		}
+		// Reused: its Uninstall leaves the mesh to its installer.
+		if err := m.Uninstall(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if have, err := meshinstall.Installed(ctx, sb); err != nil || !have {
+			t.Fatalf("the mesh is gone after a reuser's Uninstall (%v)", err)
+		}
+	})
 
 	node0, node1 := sb.NodeName(0), sb.NodeName(1)
 	start = time.Now()
