@@ -239,7 +239,8 @@ func (cl *Client) dialH2(ctx context.Context, pc *pooledConn, tlsCfg *tls.Config
 		return fmt.Errorf("connect: %w", err)
 	}
 	tlsCfg.NextProtos = []string{"h2"}
-	tc := tls.Client(nc, tlsCfg)
+	sock := newSockConn(nc)
+	tc := tls.Client(sock.underTLS(nc), tlsCfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		nc.Close()
 		return fmt.Errorf("TLS handshake: %w", err)
@@ -248,7 +249,7 @@ func (cl *Client) dialH2(ctx context.Context, pc *pooledConn, tlsCfg *tls.Config
 		tc.Close()
 		return fmt.Errorf("server negotiated ALPN %q, want h2", p)
 	}
-	c := newH2Conn(tc, true, cl.log)
+	c := newH2Conn(tc, sock, true, cl.log)
 	c.onStreamDone = func() { cl.pool.release(pc) }
 	c.onClose = func(error) { cl.pool.evict(pc) }
 	c.onGoAway = func() { cl.pool.evict(pc) }

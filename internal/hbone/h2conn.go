@@ -96,11 +96,14 @@ type h2Conn struct {
 	fr *http2.Framer
 
 	// write side, under wmu
-	wmu  sync.Mutex
-	bw   *bufio.Writer
-	fw   *http2.Framer
-	henc *hpack.Encoder
-	hbuf bytes.Buffer
+	wmu     sync.Mutex
+	writers atomic.Int32 // data/control writers waiting for wmu: the last one flushes
+	sock    *sockConn    // under the TLS conn; nil in tests on plain pipes
+	wdl     time.Time    // write deadline last set on nc
+	bw      *bufio.Writer
+	fw      *http2.Framer
+	henc    *hpack.Encoder
+	hbuf    bytes.Buffer
 
 	mu             sync.Mutex
 	streams        map[uint32]*h2Stream
@@ -139,9 +142,12 @@ type h2Conn struct {
 	info        *connInfo     // server only: the peer
 }
 
-func newH2Conn(nc net.Conn, client bool, log *slog.Logger) *h2Conn {
+// newH2Conn makes an HTTP/2 endpoint on nc; sock, if not nil, is the socket
+// under nc's TLS, whose writes are gathered while the frame buffer is flushed.
+func newH2Conn(nc net.Conn, sock *sockConn, client bool, log *slog.Logger) *h2Conn {
 	c := &h2Conn{
 		nc:           nc,
+		sock:         sock,
 		client:       client,
 		log:          log,
 		bw:           bufio.NewWriterSize(nc, copyBufSize+1024), // a full relay buffer plus frame headers: one flush
@@ -198,13 +204,99 @@ func (c *h2Conn) start(maxStreams int) error {
 	return nil
 }
 
-// flushLocked flushes the write buffer; wmu is held.
+// flushLocked flushes the write buffer; wmu is held. The TLS records it
+// makes leave in one write(2).
 func (c *h2Conn) flushLocked() error {
 	if c.bw.Buffered() == 0 {
 		return nil
 	}
-	_ = c.nc.SetWriteDeadline(time.Now().Add(h2WriteTimeout))
-	return c.bw.Flush()
+	c.refreshWriteDeadlineLocked()
+	if c.sock == nil {
+		return c.bw.Flush()
+	}
+	c.sock.beginBatch()
+	err := c.bw.Flush()
+	if e := c.sock.endBatch(); err == nil {
+		err = e
+	}
+	return err
+}
+
+// refreshWriteDeadlineLocked pushes the write deadline out; wmu is held.
+// Moving it on every flush costs; a second of slack is fine.
+func (c *h2Conn) refreshWriteDeadlineLocked() {
+	if now := time.Now(); c.wdl.Sub(now) < h2WriteTimeout-time.Second {
+		c.wdl = now.Add(h2WriteTimeout)
+		_ = c.nc.SetWriteDeadline(c.wdl)
+	}
+}
+
+// writeFrameDirect writes one DATA frame on st whose 9-byte header room
+// precedes its payload in frame, straight to TLS rather than through the
+// write buffer (saving a copy), after anything already buffered. The caller
+// debited the send windows for the payload; c.sock is not nil.
+func (c *h2Conn) writeFrameDirect(st *h2Stream, frame []byte) error {
+	n := len(frame) - 9
+	c.lockWriter()
+	defer c.wmu.Unlock()
+	c.mu.Lock()
+	if st.rstSent || c.closed {
+		c.sendWin += int64(n) // nothing may follow RST_STREAM
+		err := st.resetErr
+		if err == nil {
+			err = c.err
+		}
+		if err == nil {
+			err = errConnClosed
+		}
+		closed := c.closed
+		c.mu.Unlock()
+		if !closed {
+			// A writer before us may have left its frames to our flush.
+			if ferr := c.flushIfLastLocked(); ferr != nil {
+				c.closeWithError(ferr)
+			}
+		}
+		return err
+	}
+	c.mu.Unlock()
+	frame[0], frame[1], frame[2] = byte(n>>16), byte(n>>8), byte(n)
+	frame[3] = byte(http2.FrameData)
+	frame[4] = 0
+	binary.BigEndian.PutUint32(frame[5:], st.id)
+	err := c.writeCtrlLocked()
+	if err == nil {
+		c.refreshWriteDeadlineLocked()
+		c.sock.beginBatch()
+		err = c.bw.Flush() // frames queued before ours go first
+		if err == nil {
+			_, err = c.nc.Write(frame)
+		}
+		if e := c.sock.endBatch(); err == nil {
+			err = e
+		}
+	}
+	if err != nil {
+		c.closeWithError(err)
+	}
+	return err
+}
+
+// lockWriter takes wmu for a writer that flushes when done; while it waits,
+// the writer holding wmu leaves the flush to it (see flushIfLastLocked).
+func (c *h2Conn) lockWriter() {
+	c.writers.Add(1)
+	c.wmu.Lock()
+	c.writers.Add(-1)
+}
+
+// flushIfLastLocked flushes unless another writer waits for wmu: that one
+// will flush, so frames from all streams leave together.
+func (c *h2Conn) flushIfLastLocked() error {
+	if c.writers.Load() > 0 {
+		return nil
+	}
+	return c.flushLocked()
 }
 
 func (c *h2Conn) kick() {
@@ -233,10 +325,10 @@ func (c *h2Conn) ctrlLoop() {
 		case <-c.done:
 			return
 		}
-		c.wmu.Lock()
+		c.lockWriter()
 		err := c.writeCtrlLocked()
 		if err == nil {
-			err = c.flushLocked()
+			err = c.flushIfLastLocked()
 		}
 		c.wmu.Unlock()
 		if err != nil {
@@ -929,7 +1021,7 @@ func (c *h2Conn) writeHeadersLocked(st *h2Stream, pseudo, regular [][2]string, e
 // writeData writes p as DATA frames on st, whose send windows the caller
 // already debited, and flushes.
 func (c *h2Conn) writeData(st *h2Stream, p []byte, endStream bool) error {
-	c.wmu.Lock()
+	c.lockWriter()
 	defer c.wmu.Unlock()
 	c.mu.Lock()
 	if st.rstSent || c.closed {
@@ -942,7 +1034,14 @@ func (c *h2Conn) writeData(st *h2Stream, p []byte, endStream bool) error {
 		if err == nil {
 			err = errConnClosed
 		}
+		closed := c.closed
 		c.mu.Unlock()
+		if !closed {
+			// A writer before us may have left its frames to our flush.
+			if ferr := c.flushIfLastLocked(); ferr != nil {
+				c.closeWithError(ferr)
+			}
+		}
 		return err
 	}
 	maxFrame := int(c.peerMaxFrame)
@@ -957,6 +1056,9 @@ func (c *h2Conn) writeData(st *h2Stream, p []byte, endStream bool) error {
 		}()
 	}
 	c.mu.Unlock()
+	// A frame must fit the write buffer, or bufio would write it past our
+	// batched flush.
+	maxFrame = min(maxFrame, c.bw.Size()-9)
 	var hdr [9]byte
 	for {
 		n := len(p)
@@ -971,6 +1073,13 @@ func (c *h2Conn) writeData(st *h2Stream, p []byte, endStream bool) error {
 			hdr[4] = byte(http2.FlagDataEndStream)
 		}
 		binary.BigEndian.PutUint32(hdr[5:], st.id)
+		if c.bw.Available() < len(hdr)+n && c.bw.Buffered() > 0 {
+			// Flush ourselves rather than let bufio do it: ours is batched.
+			if err := c.flushLocked(); err != nil {
+				c.closeWithError(err)
+				return err
+			}
+		}
 		c.bw.Write(hdr[:])
 		if _, err := c.bw.Write(p[:n]); err != nil {
 			c.closeWithError(err)
@@ -983,7 +1092,7 @@ func (c *h2Conn) writeData(st *h2Stream, p []byte, endStream bool) error {
 	}
 	err := c.writeCtrlLocked()
 	if err == nil {
-		err = c.flushLocked()
+		err = c.flushIfLastLocked()
 	}
 	if err != nil {
 		c.closeWithError(err)

@@ -66,7 +66,7 @@ func newRawH2Server(t testing.TB) *Server {
 // pipe, feeds it input, lets it answer for linger and returns what it wrote.
 func serveRawH2(srv *Server, input []byte, linger time.Duration) []byte {
 	srvEnd, cliEnd := net.Pipe()
-	c := newH2Conn(srvEnd, false, srv.log)
+	c := newH2Conn(srvEnd, nil, false, srv.log)
 	c.info = &connInfo{transport: H2, peer: mustIDNoT("default", "fuzz"), local: netip.MustParseAddrPort("127.0.0.1:15008"), remote: netip.MustParseAddrPort("127.0.0.1:40000")}
 	done := make(chan struct{})
 	go func() {
@@ -169,7 +169,7 @@ func TestRawH2_PingFloodClosesConnection(t *testing.T) {
 	srv := newRawH2Server(t)
 	srvEnd, cliEnd := net.Pipe()
 	defer cliEnd.Close()
-	c := newH2Conn(srvEnd, false, srv.log)
+	c := newH2Conn(srvEnd, nil, false, srv.log)
 	c.info = &connInfo{transport: H2, peer: mustIDNoT("default", "flood")}
 	done := make(chan struct{})
 	go func() {

@@ -1,6 +1,7 @@
 package hbone
 
 import (
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -307,6 +308,98 @@ func (st *h2Stream) Write(p []byte) (int, error) {
 		p = p[n:]
 	}
 	return written, nil
+}
+
+// ReadFrom copies src to the stream until src's EOF (without sending
+// END_STREAM). When the peer takes DATA frames as large as our relay
+// buffers, it reads src behind room for the frame header and hands the
+// frame to TLS as it is, with no copy into the write buffer (the relay
+// uses it).
+func (st *h2Stream) ReadFrom(src io.Reader) (int64, error) {
+	c := st.c
+	c.mu.Lock()
+	direct := c.sock != nil && int(c.peerMaxFrame) >= copyBufSize-9
+	c.mu.Unlock()
+	bp := getBuf()
+	defer putBuf(bp)
+	buf := *bp
+	if !direct {
+		return copyBuffer(st, src, buf)
+	}
+	var total int64
+	for {
+		nr, rerr := src.Read(buf[9:])
+		if nr > 0 {
+			nw, err := st.writeFramed(buf[:9+nr])
+			total += int64(nw)
+			if err != nil {
+				return total, err
+			}
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				return total, nil
+			}
+			return total, rerr
+		}
+	}
+}
+
+// writeFramed writes the payload frame[9:] as one DATA frame when the send
+// windows allow it all, else as Write does.
+func (st *h2Stream) writeFramed(frame []byte) (int, error) {
+	st.wlock.Lock()
+	c := st.c
+	n := int64(len(frame) - 9)
+	c.mu.Lock()
+	for {
+		if err := st.writeErrLocked(); err != nil {
+			c.mu.Unlock()
+			st.wlock.Unlock()
+			return 0, err
+		}
+		if st.sendWin > 0 && c.sendWin > 0 {
+			break
+		}
+		st.wcond.Wait()
+	}
+	if st.sendWin < n || c.sendWin < n || int64(c.peerMaxFrame) < n {
+		// Flow control or new peer SETTINGS split it: the buffered path.
+		c.mu.Unlock()
+		st.wlock.Unlock()
+		return st.Write(frame[9:])
+	}
+	st.sendWin -= n
+	c.sendWin -= n
+	c.mu.Unlock()
+	err := c.writeFrameDirect(st, frame)
+	st.wlock.Unlock()
+	if err != nil {
+		return 0, err
+	}
+	return int(n), nil
+}
+
+// copyBuffer copies src to dst until src's EOF, like io.CopyBuffer
+// without its ReaderFrom/WriterTo detours.
+func copyBuffer(dst io.Writer, src io.Reader, buf []byte) (int64, error) {
+	var n int64
+	for {
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			nw, werr := dst.Write(buf[:nr])
+			n += int64(nw)
+			if werr != nil {
+				return n, werr
+			}
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				return n, nil
+			}
+			return n, rerr
+		}
+	}
 }
 
 func (st *h2Stream) writeErrLocked() error {

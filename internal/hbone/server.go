@@ -193,7 +193,8 @@ func (s *Server) handshakeH2(ctx context.Context, nc net.Conn) *h2Conn {
 	// failed half way.
 	hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.HandshakeTimeout)
 	defer cancel()
-	tc := tls.Server(nc, s.tlsH2)
+	sock := newSockConn(nc)
+	tc := tls.Server(sock.underTLS(nc), s.tlsH2)
 	if err := tc.HandshakeContext(hctx); err != nil {
 		s.log.Info("hbone: TLS handshake failed", "transport", H2, "remote", nc.RemoteAddr(), "local", nc.LocalAddr(), "error", err)
 		nc.Close()
@@ -212,7 +213,7 @@ func (s *Server) handshakeH2(ctx context.Context, nc net.Conn) *h2Conn {
 		return nil
 	}
 	_ = tc.SetReadDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
-	c := newH2Conn(tc, false, s.log)
+	c := newH2Conn(tc, sock, false, s.log)
 	preface := make([]byte, len(h2Preface))
 	if _, err := io.ReadFull(tc, preface); err != nil || string(preface) != string(h2Preface) {
 		s.log.Info("hbone: bad HTTP/2 client preface", "remote", nc.RemoteAddr(), "peer", info.peer, "error", err)
