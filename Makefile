@@ -21,7 +21,8 @@ BINARIES := \
 	cni-agent=./cni/cmd/cni-agent \
 	meshctl=./meshctl \
 	sandbox=./e2e/cmd/sandbox \
-	echo=./e2e/cmd/echo
+	echo=./e2e/cmd/echo \
+	meshinstall=./e2e/cmd/meshinstall
 
 .PHONY: all build deps test test-unit test-e2e test-proto test-fuzz test-interop proto lint bench images demo down clean
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # make demo: the mesh, end to end, in the sandbox cluster (run as root after
 # `make build deps`). It brings the sandbox up with 2 nodes (or reuses the
-# running one), installs istiod-lite, the CNI agent and ztunnel from
-# e2e/manifests, deploys the sample app from examples/ (namespace demo,
+# running one), installs istiod-lite, the CNI agent and ztunnel from the
+# Helm chart (deploy/helm/meshlite, through e2e/cmd/meshinstall as the e2e
+# tests install it), deploys the sample app from examples/ (namespace demo,
 # enrolled, and namespace legacy, not enrolled), waits for its traffic, and
 # prints `meshctl mtls status -A`: HBONE and live mTLS for demo, TCP for
 # legacy. Then it holds a plaintext connection from legacy to a demo pod,
@@ -26,7 +27,7 @@ indent() { sed 's/^/   /'; }
 
 [ "$(id -u)" = 0 ] || die "the sandbox needs root (network namespaces, iptables): run as root"
 command -v kubectl >/dev/null || die "kubectl not found (any recent version; the sandbox serves Kubernetes 1.34)"
-for b in sandbox istiod-lite cni-agent mesh-cni ztunnel echo meshctl; do
+for b in sandbox istiod-lite cni-agent mesh-cni ztunnel echo meshctl meshinstall; do
 	[ -x "bin/$b" ] || die "bin/$b missing: run make build deps first (make demo does)"
 done
 tmp=$(mktemp -d)
@@ -69,21 +70,13 @@ pass "$nodes nodes ready in $((SECONDS - t0))s"
 # --- 2. the mesh ------------------------------------------------------------
 step "2/6 Mesh: istiod-lite, CNI agent, ztunnel (namespace istio-system)"
 t0=$SECONDS
-kapply e2e/manifests/istiod-lite.yaml
-k -n istio-system rollout status deploy/istiod --timeout=120s >/dev/null
+# The chart, with the sandbox's values (images mapped to bin/, node roots,
+# istiod-lite's pod IP for ztunnel: no cluster DNS here); a mesh installed
+# already (an earlier make demo's) is left as it is.
+MESHLITE_SANDBOX_DIR="$state" bin/meshinstall up >"$tmp/mesh.log" 2>&1 ||
+	{ cat "$tmp/mesh.log" >&2; die "installing the chart failed"; }
 istiod_ip=$(k -n istio-system get pods -l app=istiod --field-selector=status.phase=Running \
 	-o jsonpath='{.items[0].status.podIP}')
-# No cluster DNS in the sandbox: ztunnel dials istiod-lite's pod IP, read
-# from this ConfigMap (see e2e/manifests/ztunnel.yaml).
-old_addr=$(k -n istio-system get configmap ztunnel-xds -o jsonpath='{.data.address}' 2>/dev/null || true)
-k -n istio-system create configmap ztunnel-xds --from-literal=address="$istiod_ip:15012" \
-	--dry-run=client -o yaml | kapply -
-# The agent's manifest names the default state dir's node roots.
-sed "s#/var/lib/meshlite-sandbox/#$state/#" e2e/manifests/cni-agent.yaml | kapply -
-kapply e2e/manifests/ztunnel.yaml
-if [ -n "$old_addr" ] && [ "$old_addr" != "$istiod_ip:15012" ]; then
-	k -n istio-system rollout restart ds/ztunnel >/dev/null
-fi
 k -n istio-system rollout status ds/istio-cni-node --timeout=120s >/dev/null
 k -n istio-system rollout status ds/ztunnel --timeout=120s >/dev/null
 pass "ready in $((SECONDS - t0))s: istiod-lite at $istiod_ip:15012, a CNI agent and a ztunnel on each node"

@@ -78,7 +78,7 @@ func SandboxValues(sb *sandbox.Sandbox) []string {
 		// the pod IP of the replica that deployed them.
 		"ztunnel.xdsAddressConfigMap=" + XDSConfigMap,
 		"istiod.proxyXDSAddress=$(POD_IP):15012",
-		// One replica, as e2e/manifests runs (ztunnel dials one pod IP;
+		// One replica (ztunnel dials one pod IP;
 		// and CPU is scarce). The chart's default is two.
 		"istiod.replicas=1",
 		// istiod-lite runs as the chart says, uid 1337: kubelet-lite gives
@@ -97,7 +97,7 @@ var components = []component{
 }
 
 // installedParts returns the mesh parts whose workload exists in the
-// sandbox (whoever installed them: this package, e2e/manifests, make demo).
+// sandbox (whoever installed them: this package or make demo).
 func installedParts(ctx context.Context, sb *sandbox.Sandbox) (map[string]bool, error) {
 	have := map[string]bool{}
 	apps := sb.Client().AppsV1()

@@ -15,21 +15,13 @@ import (
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/client-go/discovery"
-	"k8s.io/client-go/discovery/cached/memory"
-	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/restmapper"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gatewayclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 
-	"github.com/meshlite/meshlite/cni/install"
-	"github.com/meshlite/meshlite/cni/plugin"
 	"github.com/meshlite/meshlite/e2e/cluster"
-	"github.com/meshlite/meshlite/e2e/cluster/manifest"
+	"github.com/meshlite/meshlite/e2e/meshinstall"
 	"github.com/meshlite/meshlite/e2e/netlab"
 	"github.com/meshlite/meshlite/e2e/sandbox"
 	"github.com/meshlite/meshlite/internal/nsenter"
@@ -37,12 +29,7 @@ import (
 
 func TestMain(m *testing.M) { sandbox.TestMain(m) }
 
-const (
-	wpSystemNS = "istio-system"
-	// wpXDSConfigMap holds the address ztunnel dials istiod-lite at (the
-	// sandbox has no cluster DNS; see e2e/manifests/ztunnel.yaml).
-	wpXDSConfigMap = "ztunnel-xds"
-)
+const wpSystemNS = meshinstall.Namespace
 
 // WPCaptureNamespaces are the namespaces the CNI agent installed by
 // wpStart captures: tests of this package enroll only these (the shared
@@ -55,15 +42,12 @@ type wpEnv struct {
 	ctx      context.Context
 	repo     string
 	gc       gatewayclient.Interface
-	applier  *manifest.Applier
-	mapper   *restmapper.DeferredDiscoveryRESTMapper
-	dyn      dynamic.Interface
 	istiodIP string
 	// ztunnel is the ztunnel pod of each node, by node name.
 	ztunnel map[string]string
 }
 
-// wpStart opens the sandbox and installs the mesh from e2e/manifests
+// wpStart opens the sandbox and installs the mesh from the Helm chart
 // (istiod-lite with its waypoint controller, the CNI agent capturing
 // WPCaptureNamespaces, ztunnel), or uses the one running; what it installs
 // is removed when the test ends.
@@ -83,17 +67,6 @@ func wpStart(t *testing.T) *wpEnv {
 	}
 	rc := sb.RESTConfig()
 	e := &wpEnv{sb: sb, ctx: ctx, repo: repo}
-	if e.applier, err = manifest.NewApplier(rc, "waypointtest"); err != nil {
-		t.Fatal(err)
-	}
-	dc, err := discovery.NewDiscoveryClientForConfig(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.mapper = restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(dc))
-	if e.dyn, err = dynamic.NewForConfig(rc); err != nil {
-		t.Fatal(err)
-	}
 	if e.gc, err = gatewayclient.NewForConfig(rc); err != nil {
 		t.Fatal(err)
 	}
@@ -109,184 +82,26 @@ func wpStart(t *testing.T) *wpEnv {
 	return e
 }
 
-// wpComponent is one mesh part installed from its manifest.
-type wpComponent struct {
-	file, kind, name, selector string
-	perNode                    bool
-	edit                       func(t *testing.T, objs []*unstructured.Unstructured)
-}
-
-func (e *wpEnv) installed(c wpComponent) (bool, error) {
-	var err error
-	switch c.kind {
-	case "Deployment":
-		_, err = e.sb.Client().AppsV1().Deployments(wpSystemNS).Get(e.ctx, c.name, metav1.GetOptions{})
-	case "DaemonSet":
-		_, err = e.sb.Client().AppsV1().DaemonSets(wpSystemNS).Get(e.ctx, c.name, metav1.GetOptions{})
-	default:
-		return false, fmt.Errorf("unknown workload kind %s", c.kind)
-	}
-	if apierrors.IsNotFound(err) {
-		return false, nil
-	}
-	return err == nil, err
-}
-
-// absent returns the objects of objs the cluster does not have yet.
-func (e *wpEnv) absent(objs []*unstructured.Unstructured) ([]*unstructured.Unstructured, error) {
-	var out []*unstructured.Unstructured
-	for _, u := range objs {
-		gvk := u.GroupVersionKind()
-		m, err := e.mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
-		if err != nil {
-			return nil, fmt.Errorf("map %s: %w", gvk, err)
-		}
-		var ri dynamic.ResourceInterface = e.dyn.Resource(m.Resource)
-		if u.GetNamespace() != "" {
-			ri = e.dyn.Resource(m.Resource).Namespace(u.GetNamespace())
-		}
-		_, err = ri.Get(e.ctx, u.GetName(), metav1.GetOptions{})
-		switch {
-		case apierrors.IsNotFound(err):
-			out = append(out, u)
-		case err != nil:
-			return nil, fmt.Errorf("get %s %s: %w", u.GetKind(), u.GetName(), err)
-		}
-	}
-	return out, nil
-}
-
-// install applies c's manifest unless c runs already, waits for its pods,
-// and deletes what it created when the test ends (dependents first).
-func (e *wpEnv) install(t *testing.T, c wpComponent) {
-	t.Helper()
-	have, err := e.installed(c)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if have {
-		t.Logf("%s %s/%s is installed already: using it as it is", c.kind, wpSystemNS, c.name)
-	} else {
-		raw, err := os.ReadFile(filepath.Join(e.repo, "e2e", "manifests", c.file))
-		if err != nil {
-			t.Fatal(err)
-		}
-		objs, err := manifest.Decode(raw)
-		if err != nil {
-			t.Fatalf("e2e/manifests/%s: %v", c.file, err)
-		}
-		if c.edit != nil {
-			c.edit(t, objs)
-		}
-		created, err := e.absent(objs)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { e.uninstall(t, c, created) })
-		if _, err := e.applier.Apply(e.ctx, objs...); err != nil {
-			t.Fatalf("apply %s: %v", c.file, err)
-		}
-	}
-	n := 1
-	if c.perNode {
-		n = e.sb.Plan.Nodes
-	}
-	if _, err := e.sb.WaitPodsRunning(e.ctx, wpSystemNS, c.selector, n, 2*time.Minute); err != nil {
-		t.Fatalf("%s not ready: %v\n%s", c.name, err, e.podLogs(wpSystemNS, c.selector))
-	}
-}
-
-func (e *wpEnv) uninstall(t *testing.T, c wpComponent, created []*unstructured.Unstructured) {
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-	defer cancel()
-	var objs []*unstructured.Unstructured
-	for _, o := range slices.Backward(created) {
-		if o.GetKind() != "Namespace" {
-			objs = append(objs, o)
-		}
-	}
-	if err := e.applier.Delete(ctx, objs...); err != nil {
-		t.Errorf("delete %s: %v", c.file, err)
-	}
-	err := sandbox.WaitFor(ctx, 80*time.Second, c.name+" pods gone", func(ctx context.Context) (bool, error) {
-		l, err := e.sb.Client().CoreV1().Pods(wpSystemNS).List(ctx, metav1.ListOptions{LabelSelector: c.selector})
-		return err == nil && len(l.Items) == 0, nil
-	})
-	if err != nil {
-		t.Errorf("uninstall %s: %v", c.name, err)
-	}
-	if c.name != "istio-cni-node" {
-		return
-	}
-	// A node still chaining mesh-cni without its agent would start no pod.
-	for i := 0; i < e.sb.Plan.Nodes; i++ {
-		conf := filepath.Join(e.sb.NodeRoot(i).CNIConfDir, netlab.ConflistName)
-		b, err := os.ReadFile(conf)
-		if err != nil {
-			t.Errorf("node %d: %v", i, err)
-			continue
-		}
-		if out, changed, err := install.Unchain(b, plugin.Type); err == nil && changed {
-			t.Errorf("node %d still chains %s after the CNI agent was deleted; unchaining it", i, plugin.Type)
-			if err := os.WriteFile(conf, out, 0o644); err != nil {
-				t.Errorf("node %d: %v", i, err)
-			}
-		}
-	}
-}
-
+// installMesh installs the mesh from the Helm chart (deploy/helm/meshlite
+// through e2e/meshinstall, as `meshctl install` applies it: istiod-lite
+// with its waypoint controller, the CNI agent capturing
+// WPCaptureNamespaces, ztunnel), or uses the one running (make demo's) as
+// it is. What it installs is uninstalled when the test ends, and the nodes
+// are checked unchained.
 func (e *wpEnv) installMesh(t *testing.T) {
 	t.Helper()
-	e.install(t, wpComponent{file: "istiod-lite.yaml", kind: "Deployment", name: "istiod", selector: "app=istiod"})
-	istiod, err := e.sb.WaitPodsRunning(e.ctx, wpSystemNS, "app=istiod", 1, time.Minute)
+	mesh, err := meshinstall.Install(e.ctx, e.sb, meshinstall.Options{CaptureNamespaces: WPCaptureNamespaces, Reuse: true})
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("install the mesh from the chart: %v", err)
 	}
-	e.istiodIP = istiod[0].Status.PodIP
-
-	cni := wpComponent{file: "cni-agent.yaml", kind: "DaemonSet", name: "istio-cni-node", selector: "app=istio-cni-node", perNode: true,
-		edit: func(t *testing.T, objs []*unstructured.Unstructured) {
-			wpEditArgs(t, objs, "istio-cni-node", func(args []string) []string {
-				for i, a := range args {
-					args[i] = strings.Replace(a, "--host-root="+sandbox.DefaultStateDir+"/", "--host-root="+e.sb.Dir+"/", 1)
-				}
-				return append(args, "--capture-namespaces="+strings.Join(WPCaptureNamespaces, ","))
-			})
-		}}
-	if have, err := e.installed(cni); err != nil {
-		t.Fatal(err)
-	} else if !have {
-		for i := 0; i < e.sb.Plan.Nodes; i++ {
-			b, _ := os.ReadFile(filepath.Join(e.sb.NodeRoot(i).CNIConfDir, netlab.ConflistName))
-			if _, chained, _ := install.Unchain(b, plugin.Type); chained {
-				t.Fatalf("node %d chains %s but no CNI agent is installed (a leftover): recreate the sandbox", i, plugin.Type)
-			}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		if err := mesh.Uninstall(ctx); err != nil {
+			t.Errorf("uninstall the mesh: %v", err)
 		}
-	}
-	e.install(t, cni)
-
-	zt := wpComponent{file: "ztunnel.yaml", kind: "DaemonSet", name: "ztunnel", selector: "app=ztunnel", perNode: true}
-	if have, err := e.installed(zt); err != nil {
-		t.Fatal(err)
-	} else if !have {
-		cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: wpXDSConfigMap, Namespace: wpSystemNS},
-			Data: map[string]string{"address": e.istiodIP + ":15012"}}
-		cms := e.sb.Client().CoreV1().ConfigMaps(wpSystemNS)
-		_, err := cms.Create(e.ctx, cm, metav1.CreateOptions{})
-		if apierrors.IsAlreadyExists(err) {
-			_, err = cms.Update(e.ctx, cm, metav1.UpdateOptions{})
-		} else if err == nil {
-			t.Cleanup(func() {
-				if err := cms.Delete(context.Background(), wpXDSConfigMap, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
-					t.Errorf("delete ConfigMap %s: %v", wpXDSConfigMap, err)
-				}
-			})
-		}
-		if err != nil {
-			t.Fatalf("ConfigMap %s: %v", wpXDSConfigMap, err)
-		}
-	}
-	e.install(t, zt)
+	})
+	e.istiodIP = mesh.IstiodIP
 	l, err := e.sb.Client().CoreV1().Pods(wpSystemNS).List(e.ctx, metav1.ListOptions{LabelSelector: "app=ztunnel"})
 	if err != nil {
 		t.Fatal(err)
@@ -297,32 +112,6 @@ func (e *wpEnv) installMesh(t *testing.T) {
 			e.ztunnel[p.Spec.NodeName] = p.Name
 		}
 	}
-}
-
-func wpEditArgs(t *testing.T, objs []*unstructured.Unstructured, name string, f func([]string) []string) {
-	t.Helper()
-	for _, o := range objs {
-		if o.GetName() != name || (o.GetKind() != "DaemonSet" && o.GetKind() != "Deployment") {
-			continue
-		}
-		cs, _, err := unstructured.NestedSlice(o.Object, "spec", "template", "spec", "containers")
-		if err != nil || len(cs) == 0 {
-			t.Fatalf("%s %s: no containers (%v)", o.GetKind(), name, err)
-		}
-		c := cs[0].(map[string]any)
-		args, _, _ := unstructured.NestedStringSlice(c, "args")
-		args = f(args)
-		anyArgs := make([]any, len(args))
-		for i, a := range args {
-			anyArgs[i] = a
-		}
-		c["args"] = anyArgs
-		if err := unstructured.SetNestedSlice(o.Object, cs, "spec", "template", "spec", "containers"); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	t.Fatalf("no workload %s in the manifest", name)
 }
 
 // podLogs is the log of every pod matching selector in ns, for failures.

@@ -1,5 +1,5 @@
 // Package waypointtest runs waypoints in the sandbox with the mesh installed
-// from e2e/manifests: deploy_test.go checks what istiod-lite's waypoint
+// from the Helm chart: deploy_test.go checks what istiod-lite's waypoint
 // controller makes of a Gateway of class istio-waypoint (the owned
 // ServiceAccount, Deployment and Service, the Gateway's status, the
 // GatewayClass, the waypoint pod running and ready, ztunnel binding the

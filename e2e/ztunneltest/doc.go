@@ -1,5 +1,5 @@
 // Package ztunneltest tests ztunnel in the sandbox, with the mesh installed
-// from e2e/manifests as a cluster runs it: its DNS proxy (Service names by
+// from the Helm chart as a cluster runs it: its DNS proxy (Service names by
 // FQDN and short name through the pod's own resolver, prompt SERVFAIL for
 // names it cannot forward), the redirection and identity it reports in
 // /config_dump, L4 AuthorizationPolicy by service account, namespace and
