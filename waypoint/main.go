@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
 	"syscall"
 
 	"github.com/meshlite/meshlite/internal/kube"
@@ -45,13 +46,18 @@ func main() {
 	flag.StringVar(&cfg.OTLPEndpoint, "otlp-endpoint", os.Getenv("OTLP_ENDPOINT"), "OTLP/gRPC collector host:port for spans (empty: propagate traceparent only)")
 	flag.DurationVar(&cfg.CertTTL, "cert-ttl", 0, "certificate lifetime to ask for (0: the CA's default)")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	maxProcs := flag.Int("max-procs", 0, "OS threads running Go code at once (0: GOMAXPROCS or one per CPU)")
 	flag.Parse()
+	if *maxProcs > 0 && os.Getenv("GOMAXPROCS") == "" {
+		runtime.GOMAXPROCS(*maxProcs)
+	}
 
 	cfg.LogLevel = new(slog.LevelVar)
 	if err := cfg.LogLevel.UnmarshalText([]byte(logLevel)); err != nil {
 		fail(fmt.Errorf("bad --log-level %q: %w", logLevel, err))
 	}
 	cfg.Log = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: cfg.LogLevel})).With("component", "waypoint")
+	cfg.AccessLogOut = os.Stderr
 	a, err := app.New(cfg)
 	if err != nil {
 		fail(err)

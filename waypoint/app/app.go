@@ -12,9 +12,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"time"
 
@@ -58,6 +60,10 @@ type Config struct {
 	CertTTL      time.Duration
 	LogLevel     *slog.LevelVar
 	Log          *slog.Logger
+	// AccessLogOut, when set, gets the per-request access log as JSON
+	// lines (written when LogLevel allows Info), buffered and flushed
+	// every second; unset, the access log goes unbuffered through Log.
+	AccessLogOut io.Writer
 }
 
 // NodeID is waypoint~<ip>~<pod>.<ns>~<ns>.svc.<domain>.
@@ -115,6 +121,7 @@ type App struct {
 	proxy    *proxy.Proxy
 	server   *hbone.Server
 	otlp     *telemetry.OTLP
+	alogBuf  *telemetry.LogBuffer
 
 	h2ln  net.Listener
 	h3pc  net.PacketConn
@@ -182,8 +189,17 @@ func New(cfg Config) (*App, error) {
 	default:
 		return nil, fmt.Errorf("upstream tunnel %q: want h2 or quic", cfg.UpstreamTunnel)
 	}
+	alog := telemetry.SlogAccess(cfg.Log.With("part", "access"))
+	if cfg.AccessLogOut != nil {
+		a.alogBuf = telemetry.NewLogBuffer(cfg.AccessLogOut, 0, 0, 0)
+		var lvl slog.Leveler
+		if cfg.LogLevel != nil {
+			lvl = cfg.LogLevel
+		}
+		alog = telemetry.NewJSONAccess(a.alogBuf, lvl, "component", "waypoint", "part", "access")
+	}
 	pcfg := proxy.Config{Store: a.store, SVID: a.certs, Tunnels: a.tunnels, UpstreamTransport: up,
-		Metrics: metrics, Log: part("proxy"), AccessLog: cfg.Log.With("part", "access")}
+		Metrics: metrics, Log: part("proxy"), AccessLog: alog}
 	if cfg.OTLPEndpoint != "" {
 		if a.otlp, err = telemetry.NewOTLP(context.Background(), cfg.OTLPEndpoint, cfg.GatewayName+"."+cfg.PodNamespace); err != nil {
 			return nil, err
@@ -239,6 +255,13 @@ func (a *App) listen() error {
 		{"admin", a.cfg.AdminAddr, func() *http.ServeMux {
 			m := http.NewServeMux()
 			m.HandleFunc("/config_dump", a.configDump)
+			// CPU and heap profiles (the bench fetches /debug/pprof/profile
+			// when a goal is missed); localhost only, like the rest of admin.
+			m.HandleFunc("GET /debug/pprof/", pprof.Index)
+			m.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+			m.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+			m.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+			m.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 			m.HandleFunc("/logging", func(w http.ResponseWriter, r *http.Request) {
 				if lvl := r.URL.Query().Get("level"); lvl != "" && a.cfg.LogLevel != nil {
 					if err := a.cfg.LogLevel.UnmarshalText([]byte(lvl)); err != nil {
@@ -339,6 +362,10 @@ func (a *App) Run(ctx context.Context) error {
 		{"proxy", a.proxy.Run},
 		{"hbone-h2", func(ctx context.Context) error { return a.server.ServeH2(ctx, a.h2ln) }},
 		{"hbone-h3", func(ctx context.Context) error { err := a.server.ServeH3(ctx, a.h3pc); a.h3pc.Close(); return err }},
+	}
+	if a.alogBuf != nil {
+		// First in, last out: the proxy's final lines are flushed.
+		parts = append([]part{{"accesslog", a.alogBuf.Run}}, parts...)
 	}
 	for _, s := range a.admin {
 		srv, ln := s.srv, s.ln

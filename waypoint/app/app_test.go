@@ -141,10 +141,12 @@ func TestApp_ServesWithConfigAndCertificateFromTheControlPlane(t *testing.T) {
 	go gs.Serve(cpLn)
 	defer gs.Stop()
 
+	accessLog := &lockedBuffer{}
 	a, err := New(Config{XDSAddress: cpLn.Addr().String(), XDSServerName: "istiod.test", RootCert: filepath.Join(dir, "root-cert.pem"),
 		TokenPath: filepath.Join(dir, "token"), ClusterID: "Kubernetes", TrustDomain: "cluster.local", DomainSuffix: "cluster.local",
 		PodName: "waypoint-abc", PodNamespace: "default", PodIP: "127.78.0.1", ServiceAccount: "waypoint", GatewayName: "waypoint",
-		HBONEAddr: "127.78.0.1:0", MetricsAddr: "127.0.0.1:0", ReadyAddr: "127.0.0.1:0", AdminAddr: "127.0.0.1:0"})
+		HBONEAddr: "127.78.0.1:0", MetricsAddr: "127.0.0.1:0", ReadyAddr: "127.0.0.1:0", AdminAddr: "127.0.0.1:0",
+		AccessLogOut: accessLog})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -216,6 +218,17 @@ func TestApp_ServesWithConfigAndCertificateFromTheControlPlane(t *testing.T) {
 	if resp.StatusCode != 200 || string(b) != "hello from "+host {
 		t.Errorf("through the waypoint: %d %q", resp.StatusCode, b)
 	}
+	// The access log is buffered and flushed within a second or so.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		line := accessLog.String()
+		if strings.Contains(line, `"msg":"access"`) && strings.Contains(line, `"authority":"`+host+`"`) &&
+			strings.Contains(line, `"status":200`) && strings.Contains(line, `"part":"access"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no access log line: %q", line)
+		}
+	}
 
 	if code, body := get("metrics", "/metrics"); code != 200 || !strings.Contains(body, `istio_requests_total{`) ||
 		!strings.Contains(body, `reporter="waypoint"`) || !strings.Contains(body, `source_principal="spiffe://cluster.local/ns/default/sa/client"`) {
@@ -234,6 +247,27 @@ func TestApp_ServesWithConfigAndCertificateFromTheControlPlane(t *testing.T) {
 	if len(dump.Services) != 1 || dump.Certificate["identity"] != wpID.String() || len(dump.Endpoints["default/"+host+":80"]) != 1 {
 		t.Errorf("config_dump: %s", body)
 	}
+	// The bench and operators profile the waypoint through admin.
+	if code, body := get("admin", "/debug/pprof/"); code != 200 || !strings.Contains(body, "goroutine") {
+		t.Errorf("pprof index: %d\n%.300s", code, body)
+	}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 type staticSource struct{ s *x509svid.SVID }

@@ -73,14 +73,14 @@ func TestOutliers_EjectAfterConsecutiveFailuresForGrowingTime(t *testing.T) {
 	o.Report(p, "s", "a", all, false) // success resets
 	o.Report(p, "s", "a", all, true)
 	o.Report(p, "s", "a", all, true)
-	if o.Ejected("s", "a") {
+	if o.Ejected("s", "a") || o.AnyEjected() {
 		t.Fatal("ejected before 3 in a row")
 	}
-	if !o.Report(p, "s", "a", all, true) || !o.Ejected("s", "a") {
+	if !o.Report(p, "s", "a", all, true) || !o.Ejected("s", "a") || !o.AnyEjected() {
 		t.Fatal("not ejected after 3 in a row")
 	}
 	now = now.Add(11 * time.Second)
-	if o.Ejected("s", "a") {
+	if o.Ejected("s", "a") || o.AnyEjected() {
 		t.Fatal("still ejected after the base time")
 	}
 	for i := 0; i < 3; i++ {

@@ -2,6 +2,7 @@ package circuit
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/meshlite/meshlite/proto/l7"
@@ -19,6 +20,9 @@ type Outliers struct {
 	mu  sync.Mutex
 	m   map[string]*endpointState // key: dest + "|" + endpoint
 	now func() time.Time
+	// until is the latest ejectedUntil of any endpoint (unix ns): after
+	// it nothing is ejected, and the per-request checks skip the lock.
+	until atomic.Int64
 }
 
 type endpointState struct {
@@ -80,12 +84,24 @@ func (o *Outliers) Report(p *l7.OutlierDetection, dest, ep string, all []string,
 	s.ejections = min(s.ejections+1, maxEjectionFactor)
 	s.ejectedUntil = now.Add(base * time.Duration(s.ejections))
 	s.consecutive = 0
+	if u := s.ejectedUntil.UnixNano(); u > o.until.Load() {
+		o.until.Store(u) // under mu: no lost update
+	}
 	return true
+}
+
+// AnyEjected reports whether some endpoint may be ejected now; when false,
+// Ejected is false for every endpoint.
+func (o *Outliers) AnyEjected() bool {
+	return o.now().UnixNano() < o.until.Load()
 }
 
 // Ejected reports whether ep of dest is ejected now.
 func (o *Outliers) Ejected(dest, ep string) bool {
 	now := o.now()
+	if now.UnixNano() >= o.until.Load() {
+		return false
+	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	s := o.m[skey(dest, ep)]

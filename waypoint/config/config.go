@@ -55,10 +55,19 @@ type Endpoint struct {
 	Addr      netip.AddrPort // pod IP and target port
 	HBONE     bool
 	Identity  spiffeid.ID
+
+	// Addr as text, made once with the endpoint: every request names
+	// its upstream.
+	key string
 }
 
-// Key names the endpoint for outlier detection and logs.
-func (e Endpoint) Key() string { return e.Addr.String() }
+// Key names the endpoint for outlier detection and logs ("ip:port").
+func (e Endpoint) Key() string {
+	if e.key != "" {
+		return e.key
+	}
+	return e.Addr.String()
+}
 
 // Snapshot is an immutable view; safe to share.
 type Snapshot struct {
@@ -70,6 +79,14 @@ type Snapshot struct {
 	byIP        map[netip.Addr]*workload.Workload
 	endpoints   map[string][]*workload.Workload
 	trustDomain string
+	// epCache memoizes Endpoints (the snapshot never changes): every
+	// request asks, and building one Endpoint parses its SPIFFE ID.
+	epCache sync.Map // epKey -> []Endpoint
+}
+
+type epKey struct {
+	svc  string
+	port uint32
 }
 
 // Store applies pushes and publishes snapshots.
@@ -305,8 +322,22 @@ func (s *Snapshot) HasService(key string) bool {
 }
 
 // Endpoints lists the healthy endpoints of Service key for Service port
-// port, in a stable order.
+// port, in a stable order. The slice is shared: callers must not modify it.
 func (s *Snapshot) Endpoints(key string, port uint32) []Endpoint {
+	k := epKey{key, port}
+	if v, ok := s.epCache.Load(k); ok {
+		return v.([]Endpoint)
+	}
+	out := s.endpointsOf(key, port)
+	// Only answers with endpoints are kept: requests for made-up ports
+	// or Service keys cannot grow the cache.
+	if len(out) > 0 {
+		s.epCache.Store(k, out)
+	}
+	return out
+}
+
+func (s *Snapshot) endpointsOf(key string, port uint32) []Endpoint {
 	var out []Endpoint
 	var svcTarget uint32
 	if as := s.addrSvcs[key]; as != nil {
@@ -385,6 +416,7 @@ func (s *Snapshot) endpoint(w *workload.Workload, port uint16) (Endpoint, bool) 
 	if ep.HBONE && ep.Identity.IsZero() {
 		return Endpoint{}, false
 	}
+	ep.key = ep.Addr.String()
 	return ep, true
 }
 

@@ -3,8 +3,8 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -67,6 +67,9 @@ type reqState struct {
 
 func (st *reqState) flag(f string) { st.flags = append(st.flags, f) }
 
+// traceID is the span's trace id in hex (x-request-id, access log).
+func (st *reqState) traceID() string { return hex.EncodeToString(st.span.Context.TraceID[:]) }
+
 // ServeHTTP handles one request from a tunnel.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ci := connInfoFrom(r.Context())
@@ -84,7 +87,8 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			st.svc = &config.Service{Key: ci.svcKey, Config: &l7.ServiceConfig{}}
 		}
 	}
-	st.span = telemetry.StartSpan(r.Method+" "+ci.target.String(), r.Header.Get(telemetry.TraceHeader), st.start)
+	// The span's name is only needed when it is exported (finish).
+	st.span = telemetry.StartSpan("", r.Header.Get(telemetry.TraceHeader), st.start)
 	p.fillSourceLabels(st, snap)
 	defer p.finish(r, st)
 	p.serve(st.rw, r, st, snap)
@@ -92,7 +96,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 func (p *Proxy) fillSourceLabels(st *reqState, snap *config.Snapshot) {
 	l := &st.labels
-	l.SourcePrincipal = "spiffe://" + st.ci.peer
+	l.SourcePrincipal = st.ci.peerID
 	l.SourceNamespace = st.ci.peerNS
 	l.SecurityPolicy = "mutual_tls"
 	if w := snap.WorkloadByIP(st.ci.src.Addr()); w != nil {
@@ -107,7 +111,10 @@ func (p *Proxy) fillSourceLabels(st *reqState, snap *config.Snapshot) {
 
 func (p *Proxy) serve(w *respWriter, r *http.Request, st *reqState, snap *config.Snapshot) {
 	host := r.Host
-	rreq := &route.Request{Method: r.Method, Path: r.URL.Path, Query: r.URL.Query(), Header: r.Header, Port: st.ci.svcPort, GRPC: st.grpc}
+	rreq := &route.Request{Method: r.Method, Path: r.URL.Path, Header: r.Header, Port: st.ci.svcPort, GRPC: st.grpc}
+	if r.URL.RawQuery != "" { // parsing allocates; most requests have none
+		rreq.Query = r.URL.Query()
+	}
 
 	// 1. authz
 	if st.svc != nil && !st.svc.Authz.Empty() {
@@ -142,7 +149,7 @@ func (p *Proxy) serve(w *respWriter, r *http.Request, st *reqState, snap *config
 		}
 	}
 	if rule != nil {
-		st.access.Route = rule.ID()
+		st.access.Route = rule.ID() // also the rate-limit scope
 	}
 	res := p.resilience(st.svc, rule)
 
@@ -174,7 +181,7 @@ func (p *Proxy) serve(w *respWriter, r *http.Request, st *reqState, snap *config
 	if rl := res.GetRateLimit(); rl != nil {
 		scope := st.ci.svcKey
 		if rule != nil {
-			scope = rule.ID()
+			scope = st.access.Route
 		}
 		if ok, wait := p.limiter.Allow(rl, scope, st.ci.peer); !ok {
 			st.flag(flagRateLimited)
@@ -338,6 +345,10 @@ func (p *Proxy) resilience(svc *config.Service, rule *route.Rule) *l7.Resilience
 	return out
 }
 
+// destKey names the destination's Service port for round robin and
+// outlier state.
+func (b backend) destKey() string { return b.key + ":" + strconv.FormatUint(uint64(b.port), 10) }
+
 // backend is a resolved destination: a Service port and its endpoints.
 type backend struct {
 	key                       string // "<namespace>/<hostname>"
@@ -417,13 +428,14 @@ func (p *Proxy) finish(r *http.Request, st *reqState) {
 	a.Method, a.Authority, a.Path, a.Protocol = r.Method, r.Host, r.URL.RequestURI(), r.Proto
 	a.Status, a.Flags, a.Duration = st.labels.ResponseCode, st.labels.ResponseFlags, end.Sub(st.start)
 	a.BytesIn, a.BytesOut = max(r.ContentLength, 0), st.rw.bytes
-	a.SourceAddr, a.SourcePrincipal = st.ci.src.String(), st.ci.peer
+	a.SourceAddr, a.SourcePrincipal = st.ci.srcStr, st.ci.peer
 	if st.svc != nil {
 		a.DestService = st.svc.Key
 	}
-	a.TraceID = fmt.Sprintf("%x", st.span.Context.TraceID)
-	telemetry.LogAccess(r.Context(), p.alog, a)
+	a.TraceID = st.traceID()
+	p.alog.LogAccess(r.Context(), a)
 	if p.cfg.Exporter != nil && st.span.Sampled() {
+		st.span.Name = r.Method + " " + st.ci.target.String()
 		st.span.End, st.span.Status = end, st.labels.ResponseCode
 		st.span.Attrs = map[string]string{"http.method": r.Method, "http.url": r.URL.RequestURI(), "upstream_cluster": a.Upstream,
 			"peer.identity": st.ci.peer, "response_flags": a.Flags, "component": "waypoint"}

@@ -45,8 +45,8 @@ type Config struct {
 	Metrics  *telemetry.Metrics
 	Exporter telemetry.Exporter
 	Log      *slog.Logger
-	// AccessLog gets one line per request (nil: Log).
-	AccessLog *slog.Logger
+	// AccessLog gets one record per request (nil: through Log).
+	AccessLog telemetry.AccessLogger
 
 	// Limits on what clients send.
 	MaxHeaderBytes    int           // 64 KiB
@@ -64,7 +64,7 @@ type Config struct {
 type Proxy struct {
 	cfg  Config
 	log  *slog.Logger
-	alog *slog.Logger
+	alog telemetry.AccessLogger
 
 	h1    *http.Server // serves HTTP/1.1 and h2c
 	conns chan net.Conn
@@ -74,8 +74,7 @@ type Proxy struct {
 	breakers *circuit.Breakers
 	outliers *circuit.Outliers
 
-	rrMu sync.Mutex
-	rr   map[string]*atomic.Uint64
+	rr sync.Map // destination key -> *atomic.Uint64 (round robin)
 
 	upMu       sync.Mutex
 	transports map[transportKey]http.RoundTripper
@@ -106,7 +105,7 @@ func New(cfg Config) (*Proxy, error) {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	if cfg.AccessLog == nil {
-		cfg.AccessLog = cfg.Log
+		cfg.AccessLog = telemetry.SlogAccess(cfg.Log)
 	}
 	if cfg.MaxHeaderBytes <= 0 {
 		cfg.MaxHeaderBytes = 64 << 10
@@ -132,7 +131,6 @@ func New(cfg Config) (*Proxy, error) {
 		limiter:    ratelimit.New(),
 		breakers:   circuit.NewBreakers(),
 		outliers:   circuit.NewOutliers(),
-		rr:         map[string]*atomic.Uint64{},
 		transports: map[transportKey]http.RoundTripper{},
 		mirrors:    make(chan struct{}, 64),
 	}
@@ -189,8 +187,10 @@ func (p *Proxy) Run(ctx context.Context) error {
 // connInfo is what one tunnel tells about every request on it.
 type connInfo struct {
 	peer      string // source principal without spiffe://
+	peerID    string // with spiffe:// (metrics label)
 	peerNS    string
 	src       netip.AddrPort // original source (Forwarded) or the peer
+	srcStr    string         // src as text, made once per tunnel (logs)
 	target    netip.AddrPort
 	svcKey    string
 	svcPort   uint32
@@ -224,10 +224,12 @@ func (p *Proxy) HandleTunnel(ctx context.Context, req *hbone.Request) (net.Conn,
 	if id, err := identity.FromID(req.PeerID); err == nil {
 		ci.peerNS = id.Namespace
 	}
+	ci.peerID = "spiffe://" + ci.peer
 	ci.src = req.RemoteAddr
 	if req.Forwarded.IsValid() {
 		ci.src = req.Forwarded
 	}
+	ci.srcStr = ci.src.String()
 	// A pod IP target (waypoint-for workload or all) goes to that pod: the
 	// policies of its bound Service apply, its routes do not (as in Istio,
 	// routes attach to Service traffic).

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"net"
+	"net/netip"
 
 	"github.com/meshlite/meshlite/internal/hbone"
 	"github.com/meshlite/meshlite/waypoint/authz"
@@ -38,13 +39,14 @@ func (p *Proxy) serveTCP(ctx context.Context, c *tunnelConn, ci *connInfo, svc *
 		}
 	}
 	var up net.Conn
-	var tried []string
+	var tried []netip.AddrPort
+	dk := dest.destKey()
 	for i := 0; i < 3 && i < len(dest.endpoints); i++ {
-		ep, ok := p.pick(dest, tried)
+		ep, ok := p.pick(dest, dk, tried)
 		if !ok {
 			break
 		}
-		tried = append(tried, ep.Key())
+		tried = append(tried, ep.Addr)
 		var err error
 		up, err = p.dialTo(ctx, ci.src.Addr(), ep)
 		if err == nil {

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -121,33 +122,35 @@ func (p *Proxy) dialTo(ctx context.Context, src netip.Addr, ep config.Endpoint) 
 }
 
 // pick chooses an endpoint of b by round robin, skipping ejected ones and,
-// when others remain, the ones already tried.
-func (p *Proxy) pick(b backend, tried []string) (config.Endpoint, bool) {
+// when others remain, the ones already tried. dk is b.destKey().
+func (p *Proxy) pick(b backend, dk string, tried []netip.AddrPort) (config.Endpoint, bool) {
 	if len(b.endpoints) == 0 {
 		return config.Endpoint{}, false
 	}
-	dk := fmt.Sprintf("%s:%d", b.key, b.port)
-	var candidates []config.Endpoint
-	for _, e := range b.endpoints {
-		if !p.outliers.Ejected(dk, e.Key()) {
-			candidates = append(candidates, e)
+	// The common case (nothing ejected, first try) allocates nothing.
+	candidates := b.endpoints
+	if p.outliers.AnyEjected() {
+		var healthy []config.Endpoint
+		for _, e := range b.endpoints {
+			if !p.outliers.Ejected(dk, e.Key()) {
+				healthy = append(healthy, e)
+			}
+		}
+		// Everything ejected: better to try than to fail for sure.
+		if len(healthy) > 0 {
+			candidates = healthy
 		}
 	}
-	if len(candidates) == 0 {
-		// Everything ejected: better to try than to fail for sure.
-		candidates = b.endpoints
+	if len(tried) > 0 {
+		if fresh := slices.DeleteFunc(slices.Clone(candidates), func(e config.Endpoint) bool { return slices.Contains(tried, e.Addr) }); len(fresh) > 0 {
+			candidates = fresh
+		}
 	}
-	if fresh := slices.DeleteFunc(slices.Clone(candidates), func(e config.Endpoint) bool { return slices.Contains(tried, e.Key()) }); len(fresh) > 0 {
-		candidates = fresh
+	ctr, ok := p.rr.Load(dk)
+	if !ok {
+		ctr, _ = p.rr.LoadOrStore(dk, new(atomic.Uint64))
 	}
-	p.rrMu.Lock()
-	ctr := p.rr[dk]
-	if ctr == nil {
-		ctr = new(atomic.Uint64)
-		p.rr[dk] = ctr
-	}
-	p.rrMu.Unlock()
-	n := ctr.Add(1) - 1
+	n := ctr.(*atomic.Uint64).Add(1) - 1
 	return candidates[n%uint64(len(candidates))], true
 }
 
@@ -181,32 +184,41 @@ func (p *Proxy) forward(w *respWriter, in, out *http.Request, st *reqState, dest
 	od := res.GetOutlierDetection()
 	noKA := res.GetCircuitBreaker().GetMaxRequestsPerConnection() == 1
 	rt := p.transport(st.ci.src.Addr(), h2, noKA)
-	dk := fmt.Sprintf("%s:%d", dest.key, dest.port)
-	allKeys := endpointKeys(dest.endpoints)
-	var tried []string
+	dk := dest.destKey()
+	var allKeys []string
+	if od.GetConsecutive_5Xx() > 0 {
+		allKeys = endpointKeys(dest.endpoints)
+	}
+	// The headers are the same on every try: set once on out (a clone of
+	// the client's request already), and each try shares them.
+	if out.Host == "" {
+		out.Host = in.Host
+	}
+	out.Header.Set("Traceparent", st.span.Context.String())
+	if out.Header.Get("X-Request-Id") == "" {
+		out.Header.Set("X-Request-Id", st.traceID())
+	}
+	out.Header.Set("X-Forwarded-Proto", "http")
+	var tried []netip.AddrPort
 	for try := 0; ; try++ {
-		ep, _ := p.pick(dest, tried)
-		tried = append(tried, ep.Key())
-		st.access.Upstream, st.access.UpstreamPrincipal, st.access.Attempts = ep.Addr.String(), ep.Identity.String(), try+1
+		ep, _ := p.pick(dest, dk, tried)
+		tried = append(tried, ep.Addr)
+		upstream := ep.Key()
+		st.access.Upstream, st.access.UpstreamPrincipal, st.access.Attempts = upstream, ep.Identity.String(), try+1
 		st.labels.DestWorkload, st.labels.DestNamespace, st.labels.DestCanonical = ep.Name, ep.Namespace, ep.Name
 		if !ep.Identity.IsZero() {
-			st.labels.DestPrincipal = ep.Identity.String()
+			st.labels.DestPrincipal = st.access.UpstreamPrincipal
 		}
 		tctx, tcancel := ctx, context.CancelFunc(func() {})
 		if tryTimeout > 0 {
 			tctx, tcancel = context.WithTimeout(ctx, tryTimeout)
 		}
-		req := out.Clone(tctx)
-		req.URL.Scheme = "http"
-		req.URL.Host = ep.Addr.String()
-		if req.Host == "" {
-			req.Host = in.Host
-		}
-		req.Header.Set("Traceparent", st.span.Context.String())
-		if req.Header.Get("X-Request-Id") == "" {
-			req.Header.Set("X-Request-Id", fmt.Sprintf("%x", st.span.Context.TraceID))
-		}
-		req.Header.Set("X-Forwarded-Proto", "http")
+		// A shallow copy per try: its own context, URL and body; the
+		// transport does not change the request.
+		req := out.WithContext(tctx)
+		u := *out.URL
+		u.Scheme, u.Host = "http", upstream
+		req.URL = &u
 		if try > 0 && out.GetBody != nil {
 			b, _ := out.GetBody()
 			req.Body = b
@@ -273,10 +285,17 @@ func (p *Proxy) sleep(ctx context.Context, d time.Duration) {
 	}
 }
 
+// copyBufs are the response body copy buffers: one per request in flight
+// instead of a fresh 32 KiB (and its clearing and GC) per request.
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
 func (p *Proxy) writeResponse(w *respWriter, resp *http.Response, mods []*l7.HeaderModifier, st *reqState) {
 	h := w.Header()
+	// The answer's header slices are handed over, not copied: nothing
+	// reads resp.Header's values after this but Get, which an append
+	// into spare capacity (Add below) does not change.
 	for k, vs := range resp.Header {
-		h[k] = append(h[k][:0:0], vs...)
+		h[k] = vs
 	}
 	removeHopHeaders(h)
 	for _, m := range mods {
@@ -288,7 +307,9 @@ func (p *Proxy) writeResponse(w *respWriter, resp *http.Response, mods []*l7.Hea
 	}
 	w.WriteHeader(resp.StatusCode)
 	stream := resp.ContentLength < 0 || st.grpc || strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream")
-	buf := make([]byte, 32<<10)
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	buf := *bp
 	for {
 		n, err := resp.Body.Read(buf)
 		if n > 0 {
@@ -328,7 +349,7 @@ func (p *Proxy) mirror(snap *config.Snapshot, out *http.Request, body []byte, m 
 		return
 	}
 	dest := p.backendFor(snap, m.GetBackend(), st.ci.svcPort)
-	ep, ok := p.pick(dest, nil)
+	ep, ok := p.pick(dest, dest.destKey(), nil)
 	if !ok {
 		return
 	}
