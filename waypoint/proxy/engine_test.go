@@ -1,12 +1,17 @@
 package proxy
 
 import (
+	"context"
 	"fmt"
 	"math"
+	"net"
 	"net/http"
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -181,5 +186,39 @@ func TestWaypoint_HBONEOverQUICBothWays(t *testing.T) {
 	v, _ := m.ztunnelHdr.Load(ep.ip)
 	if req := v.(*hbone.Request); req.Transport != hbone.H3 || req.PeerID != m.wpID {
 		t.Errorf("upstream tunnel %s from %s, want h3 from the waypoint", req.Transport, req.PeerID)
+	}
+}
+
+// A peer may not speak for another address: Forwarded naming an IP other
+// than the tunnel's source is ignored, and the tunnel's source is what goes
+// upstream (and what L7 policy sees).
+func TestWaypoint_IgnoresForwardedForAnotherAddress(t *testing.T) {
+	m := newMesh(t)
+	m.addService("echo", vip)
+	ep := m.addEndpoint("echo", true, named("echo"))
+	m.bind("echo", nil)
+	spoofed := netip.MustParseAddrPort("127.77.0.99:40000")
+	dial := func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return m.tunnels.Dial(ctx, hbone.DialRequest{
+			Endpoint:   netip.AddrPortFrom(netip.MustParseAddr(waypointIP), m.port),
+			Target:     netip.MustParseAddrPort(vip + ":80"),
+			Source:     staticSource{m.clientSVID},
+			PeerIDs:    []spiffeid.ID{m.wpID},
+			SourceAddr: netip.MustParseAddr(clientIP),
+			Forwarded:  spoofed,
+		})
+	}
+	tr := &http.Transport{DialContext: dial}
+	defer tr.CloseIdleConnections()
+	code, body, _ := get(t, &http.Client{Transport: tr, Timeout: 10 * time.Second}, "/who")
+	if code != 200 || body != "echo" {
+		t.Fatalf("%d %q", code, body)
+	}
+	v, _ := m.ztunnelHdr.Load(ep.ip)
+	if got := v.(*hbone.Request).Forwarded.Addr().String(); got != clientIP {
+		t.Errorf("upstream Forwarded names %s, want the tunnel's source %s (not the claimed %s)", got, clientIP, spoofed.Addr())
+	}
+	if !strings.Contains(m.logs.String(), "ignoring Forwarded") {
+		t.Errorf("no log line about the ignored Forwarded")
 	}
 }

@@ -331,7 +331,9 @@ func (m *mesh) clientVia(tr hbone.Transport, target netip.AddrPort, h2 bool) *ht
 			Target:    target,
 			Source:    staticSource{m.clientSVID},
 			PeerIDs:   []spiffeid.ID{m.wpID},
-			Forwarded: netip.MustParseAddrPort(clientIP + ":40000"),
+			// From the client pod's address, as a ztunnel dials.
+			SourceAddr: netip.MustParseAddr(clientIP),
+			Forwarded:  netip.MustParseAddrPort(clientIP + ":40000"),
 		})
 	}
 	ht := &http.Transport{DialContext: dial, MaxIdleConnsPerHost: 16, Protocols: new(http.Protocols)}

@@ -226,8 +226,17 @@ func (p *Proxy) HandleTunnel(ctx context.Context, req *hbone.Request) (net.Conn,
 	}
 	ci.peerID = "spiffe://" + ci.peer
 	ci.src = req.RemoteAddr
-	if req.Forwarded.IsValid() {
-		ci.src = req.Forwarded
+	if f := req.Forwarded; f.IsValid() {
+		// A ztunnel dials from inside the client pod's netns, so Forwarded
+		// names the tunnel's own source IP and adds the app's port. Any other
+		// IP would let a pod with a valid certificate pose as another
+		// address (L7 policy ipBlocks, logs): keep the tunnel's source then.
+		if f.Addr().Unmap() == req.RemoteAddr.Addr().Unmap() {
+			ci.src = f
+		} else {
+			p.log.Warn("ignoring Forwarded naming another address than the tunnel's source",
+				"src.identity", req.PeerID.String(), "forwarded", f.String(), "remote", req.RemoteAddr.String())
+		}
 	}
 	ci.srcStr = ci.src.String()
 	// A pod IP target (waypoint-for workload or all) goes to that pod: the
