@@ -181,7 +181,11 @@ func tcpServer(t testing.TB, fn func(c *net.TCPConn)) netip.AddrPort {
 		t.Fatal(err)
 	}
 	var wg sync.WaitGroup
+	// The accept loop counts itself, so its wg.Add for a connection never
+	// races the cleanup's wg.Wait on an empty group.
+	wg.Add(1)
 	go func() {
+		defer wg.Done()
 		for {
 			c, err := ln.Accept()
 			if err != nil {
