@@ -175,6 +175,11 @@ func (cl *Client) Dial(ctx context.Context, req DialRequest) (Conn, error) {
 			if attempt < 2 && ctx.Err() == nil && retryable(err) {
 				// The connection went away under us; try a fresh one (twice:
 				// a peer that is draining may refuse a first retry too).
+				// HTTP/2 connections leave the pool on GOAWAY by themselves;
+				// a QUIC one only when it closes, so take it out here.
+				if pc.h3 != nil {
+					cl.pool.evict(pc)
+				}
 				continue
 			}
 			return nil, fmt.Errorf("hbone %s CONNECT %s via %s: %w", req.Transport, req.Target, req.Endpoint, err)

@@ -124,7 +124,12 @@ func (h *h3Client) close() {
 func (h *h3Client) open(ctx context.Context, authority string, hdrs [][2]string, onFinish func()) (Conn, int, error) {
 	rs, err := h.cc.OpenRequestStream(ctx)
 	if err != nil {
-		return nil, 0, fmt.Errorf("hbone h3: open stream: %w", err)
+		if ctx.Err() != nil {
+			return nil, 0, fmt.Errorf("hbone h3: open stream: %w", err)
+		}
+		// Nothing was sent (typically the server sent GOAWAY: it is
+		// draining): the caller may try a fresh connection.
+		return nil, 0, fmt.Errorf("%w: open stream: %v", errGoAway, err)
 	}
 	abort := func() {
 		rs.CancelWrite(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
@@ -146,6 +151,12 @@ func (h *h3Client) open(ctx context.Context, authority string, hdrs [][2]string,
 	}
 	if err != nil {
 		abort()
+		var se *quic.StreamError
+		if errors.As(err, &se) && se.Remote && se.ErrorCode == quic.StreamErrorCode(http3.ErrCodeRequestRejected) {
+			// Refused unprocessed (RFC 9114 §4.1.1.1; e.g. beyond the
+			// server's GOAWAY): safe to retry on a fresh connection.
+			return nil, 0, fmt.Errorf("%w: %v", errRefusedStream, err)
+		}
 		return nil, 0, fmt.Errorf("hbone h3: read response: %w", err)
 	}
 	if resp.StatusCode != http.StatusOK {

@@ -998,3 +998,64 @@ func TestInterop_XNetServer(t *testing.T) {
 		t.Fatalf("after half-close: %q, %v", rest, err)
 	}
 }
+
+// A QUIC connection whose server is draining (GOAWAY) takes no new streams:
+// a tunnel asked for then goes on a fresh connection, which reaches the
+// server that took over the endpoint (a restarted ztunnel binds the port
+// once its predecessor's drain ends), instead of failing.
+func TestClient_H3TunnelAfterGoAwayGoesOnAFreshConnection(t *testing.T) {
+	e := newEnv(t, func(o *envOpts) {
+		o.serverCfg = func(c *ServerConfig) { c.DrainTimeout = 5 * time.Second }
+	})
+	echo := echoServer(t)
+	c1, err := e.dial(H3, echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Used without half-closing, so the tunnel stays open through the drain.
+	buf := make([]byte, 6)
+	if _, err := c1.Write([]byte("before")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c1, buf); err != nil {
+		t.Fatal(err)
+	}
+	e.cancelServe() // GOAWAY; c1 drains
+	time.Sleep(200 * time.Millisecond)
+	if st := e.client.Stats(); st.H3Conns != 1 {
+		t.Fatalf("pool %+v: the draining connection should still be pooled", st)
+	}
+
+	type result struct {
+		c   Conn
+		err error
+	}
+	res := make(chan result, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
+		defer cancel()
+		c, err := e.client.Dial(ctx, e.dialReq(H3, echo))
+		res <- result{c, err}
+	}()
+	time.Sleep(200 * time.Millisecond)
+	c1.Close() // the drain ends; the old server releases the port
+	e.serveDone.Wait()
+	udp, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(e.h3Addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		e.srv.ServeH3(ctx, udp)
+	}()
+	t.Cleanup(func() { cancel(); <-done; udp.Close() })
+
+	r := <-res
+	if r.err != nil {
+		t.Fatalf("tunnel asked for during the drain: %v", r.err)
+	}
+	roundTrip(t, r.c, []byte("on the successor"))
+	r.c.Close()
+}

@@ -25,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/meshlite/meshlite/internal/identity"
@@ -163,10 +164,6 @@ type App struct {
 	redirect redirection.Checker
 
 	draining atomic.Bool
-	// handedOver is closed when a successor listens in every pod: the pods'
-	// QUIC sockets close at once (see Serve).
-	handedOver     chan struct{}
-	handedOverOnce sync.Once
 }
 
 // New builds every part; nothing runs until Run. Listeners of the admin
@@ -180,8 +177,7 @@ func New(cfg Config) (*App, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ztunnel config: trust domain: %w", err)
 	}
-	a := &App{cfg: cfg, log: cfg.Log, registry: prometheus.NewRegistry(), served: map[string]string{}, netns: map[string]*podnet.NS{},
-		handedOver: make(chan struct{})}
+	a := &App{cfg: cfg, log: cfg.Log, registry: prometheus.NewRegistry(), served: map[string]string{}, netns: map[string]*podnet.NS{}}
 	a.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	part := func(name string) *slog.Logger { return cfg.Log.With("part", name) }
 	ok := false
@@ -385,7 +381,6 @@ func (a *App) handover(failed <-chan error) {
 		waiting := a.podsWithoutSuccessor()
 		if len(waiting) == 0 {
 			a.log.Info("handover: a successor listens in every pod; stopping accepting", "after", time.Since(start).Round(time.Millisecond))
-			a.handedOverOnce.Do(func() { close(a.handedOver) })
 			return
 		}
 		select {
@@ -546,6 +541,34 @@ func (s podServer) Prepare(ctx context.Context, p inpod.Pod) error {
 	return nil
 }
 
+// bindQUIC waits for a predecessor ztunnel to release the pod's QUIC
+// socket and binds it; nil when ctx ends first or binding fails otherwise.
+func (a *App) bindQUIC(ctx context.Context, podUID string, ns *podnet.NS) *net.UDPConn {
+	a.log.Info("pod's QUIC socket still held by the previous ztunnel; binding it once released", "uid", podUID)
+	start := time.Now()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+		if ctx.Err() != nil {
+			return nil // stopping: the netns may be closing
+		}
+		udp, err := inpod.ListenHBONEUDP(ctx, ns)
+		if err == nil {
+			a.log.Info("pod's QUIC socket bound", "uid", podUID, "waited", time.Since(start).Round(time.Millisecond))
+			return udp
+		}
+		if !errors.Is(err, unix.EADDRINUSE) {
+			a.log.Error("pod listener failed", "uid", podUID, "listener", "hbone-quic", "error", err)
+			return nil
+		}
+	}
+}
+
 // Serve serves the pod's sockets until ctx ends.
 func (s podServer) Serve(ctx context.Context, p inpod.Pod, socks *inpod.Sockets) {
 	id, err := s.identity(p)
@@ -585,24 +608,27 @@ func (s podServer) Serve(ctx context.Context, p inpod.Pod, socks *inpod.Sockets)
 	serve("outbound", func() error { return a.proxy.ServeOutbound(ctx, socks.Outbound, uid) })
 	serve("plaintext", func() error { return a.proxy.ServePlaintext(ctx, socks.Plaintext, uid) })
 	serve("hbone", func() error { return a.proxy.ServeHBONE(ctx, socks.HBONE) })
-	// UDP has no accept queue: with the successor's socket beside this
-	// one (SO_REUSEPORT), datagrams of new QUIC connections would be
-	// spread over both, and this one no longer accepts. So once handed
-	// over, the QUIC socket closes at once (its tunnels end; the clients
-	// dial again, reaching the successor) instead of draining.
-	qctx, qcancel := context.WithCancel(ctx)
-	defer qcancel()
+	// QUIC: the pod's UDP socket is held by one ztunnel at a time (see
+	// inpod.ListenHBONEUDP). While a predecessor still holds it, bind it
+	// as soon as the predecessor lets it go; when this one stops, its QUIC
+	// connections drain (GOAWAY, tunnels run on) before the socket closes
+	// for the successor.
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		select {
-		case <-a.handedOver:
-			qcancel()
-			socks.HBONEUDP.Close()
-		case <-qctx.Done():
+		udp := socks.HBONEUDP
+		if udp == nil {
+			if udp = a.bindQUIC(ctx, p.UID, socks.NS); udp == nil {
+				return
+			}
 		}
+		if err := a.proxy.ServeHBONEQUIC(ctx, udp); err != nil && ctx.Err() == nil {
+			a.log.Error("pod listener failed", "uid", p.UID, "workload", uid, "listener", "hbone-quic", "error", err)
+		}
+		// Drained: let the successor bind it now rather than after the
+		// TCP listeners' drain.
+		udp.Close()
 	}()
-	serve("hbone-quic", func() error { return a.proxy.ServeHBONEQUIC(qctx, socks.HBONEUDP) })
 	serve("dns-udp", func() error { return a.dns.ServeUDP(ctx, socks.DNSUDP, socks.NS) })
 	serve("dns-tcp", func() error { return a.dns.ServeTCP(ctx, socks.DNSTCP, socks.NS) })
 	wg.Wait()

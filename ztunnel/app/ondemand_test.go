@@ -69,7 +69,10 @@ func TestOnDemand_AsksIstiodLiteForAnUnknownIP(t *testing.T) {
 	cache.Update(xds.TypeAddress, []*ixds.Resource{addressResource(t, "Kubernetes//Pod/default/a", "10.9.0.1")}, nil)
 	cache.TakeChanges()
 	cache.MarkReady()
-	srv := ixds.NewServer(cache, ztunnelCaller{}, ixds.Options{Debounce: 30 * time.Second, MaxDelay: 30 * time.Second, Log: slog.New(slog.NewTextHandler(t.Output(), nil))})
+	srv := ixds.NewServer(cache, ztunnelCaller{}, ixds.Options{Debounce: 30 * time.Second, MaxDelay: 30 * time.Second,
+		// Discarded: its stream goroutines may log after the test ends (g.Stop
+		// does not wait for them), which t.Output() turns into a panic.
+		Log: slog.New(slog.DiscardHandler)})
 	g := grpc.NewServer(grpc.ForceServerCodecV2(ixds.Codec{}), grpc.Creds(credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS13,
 		Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}})))
 	srv.Register(g)

@@ -59,6 +59,16 @@ type Sockets struct {
 
 // Close closes every socket and the netns handle.
 func (s *Sockets) Close() error {
+	errs := []error{s.closeSockets()}
+	if s.NS != nil {
+		errs = append(errs, s.NS.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// closeSockets closes the sockets but not the netns handle, which a Serve
+// still running may use (the redirection check enters it).
+func (s *Sockets) closeSockets() error {
 	var errs []error
 	for _, c := range []interface{ Close() error }{s.Outbound, s.Plaintext, s.HBONE, s.HBONEUDP, s.DNSTCP, s.DNSUDP} {
 		if c == nil || c == (*net.TCPListener)(nil) || c == (*net.UDPConn)(nil) {
@@ -67,9 +77,6 @@ func (s *Sockets) Close() error {
 		if err := c.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
 			errs = append(errs, err)
 		}
-	}
-	if s.NS != nil {
-		errs = append(errs, s.NS.Close())
 	}
 	return errors.Join(errs...)
 }
@@ -422,11 +429,15 @@ func (c *Client) stop(uid string) bool {
 		return false
 	}
 	run.cancel()
-	// Close first so a Serve blocked in Accept returns.
-	if err := run.sockets.Close(); err != nil {
+	// Close the sockets first so a Serve blocked in Accept returns; the
+	// netns handle only once Serve is done with it.
+	if err := run.sockets.closeSockets(); err != nil {
 		c.log.Warn("closing pod sockets", "uid", uid, "error", err)
 	}
 	<-run.done
+	if err := run.sockets.Close(); err != nil {
+		c.log.Warn("closing pod netns", "uid", uid, "error", err)
+	}
 	return true
 }
 
@@ -452,6 +463,17 @@ func (c *Client) closeAll() {
 	}
 }
 
+// ListenHBONEUDP binds the pod's QUIC socket (15008/udp) without
+// SO_REUSEPORT, so at most one ztunnel holds it: a predecessor keeps it,
+// serving and then draining its QUIC connections, until it closes it, and
+// only then may a successor bind it. Shared, the kernel would move
+// established QUIC connections between the two processes (datagrams are
+// spread by a hash over the group's members), breaking their tunnels.
+// It fails with EADDRINUSE while another ztunnel holds the socket.
+func ListenHBONEUDP(ctx context.Context, ns *podnet.NS) (*net.UDPConn, error) {
+	return ns.ListenUDPExclusive(ctx, netip.AddrPortFrom(netip.IPv4Unspecified(), PortHBONE))
+}
+
 // OpenSockets opens ztunnel's sockets in ns (IPv4 wildcard addresses).
 func OpenSockets(ctx context.Context, ns *podnet.NS) (*Sockets, error) {
 	s := &Sockets{NS: ns}
@@ -471,7 +493,9 @@ func OpenSockets(ctx context.Context, ns *podnet.NS) (*Sockets, error) {
 	if s.HBONE, err = ns.Listen(ctx, netip.AddrPortFrom(wild, PortHBONE)); err != nil {
 		return fail(err)
 	}
-	if s.HBONEUDP, err = ns.ListenUDP(ctx, netip.AddrPortFrom(wild, PortHBONE)); err != nil {
+	// QUIC's socket is exclusive (see ListenHBONEUDP): while a predecessor
+	// still holds it, HBONEUDP stays nil and the server binds it later.
+	if s.HBONEUDP, err = ListenHBONEUDP(ctx, ns); err != nil && !errors.Is(err, unix.EADDRINUSE) {
 		return fail(err)
 	}
 	if s.DNSTCP, err = ns.Listen(ctx, netip.AddrPortFrom(wild, PortDNS)); err != nil {

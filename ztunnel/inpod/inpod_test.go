@@ -2,6 +2,7 @@ package inpod
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -406,4 +407,50 @@ func FuzzHandle(f *testing.F) {
 			t.Fatal("no Ack")
 		}
 	})
+}
+
+// A successor's sockets open beside a predecessor's, except QUIC's: a UDP
+// socket shared by SO_REUSEPORT would get part of the predecessor's QUIC
+// flows (the kernel hashes datagrams over the group), so the successor
+// binds it only once the predecessor has let it go.
+func TestOpenSockets_QUICSocketIsExclusiveTheRestShared(t *testing.T) {
+	nsf := newNetns(t, "q")
+	open := func() *Sockets {
+		t.Helper()
+		dup, err := os.Open(nsf.Name())
+		if err != nil {
+			t.Fatal(err)
+		}
+		ns, err := podnet.FromFile(dup)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := OpenSockets(context.Background(), ns)
+		if err != nil {
+			ns.Close()
+			t.Fatalf("open sockets: %v", err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	}
+	old := open()
+	if old.HBONEUDP == nil {
+		t.Fatal("the first ztunnel got no QUIC socket")
+	}
+	succ := open()
+	if succ.Outbound == nil || succ.HBONE == nil || succ.DNSUDP == nil {
+		t.Fatalf("successor's shared sockets missing: %+v", succ)
+	}
+	if succ.HBONEUDP != nil {
+		t.Fatal("successor bound the QUIC socket while the predecessor holds it")
+	}
+	if _, err := ListenHBONEUDP(context.Background(), succ.NS); !errors.Is(err, unix.EADDRINUSE) {
+		t.Fatalf("binding QUIC beside the predecessor: %v, want EADDRINUSE", err)
+	}
+	old.HBONEUDP.Close()
+	udp, err := ListenHBONEUDP(context.Background(), succ.NS)
+	if err != nil {
+		t.Fatalf("binding QUIC once the predecessor let it go: %v", err)
+	}
+	udp.Close()
 }

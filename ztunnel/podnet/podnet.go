@@ -119,12 +119,27 @@ func (n *NS) Listen(ctx context.Context, addr netip.AddrPort) (*net.TCPListener,
 	return ln.(*net.TCPListener), nil
 }
 
-// ListenUDP opens a marked UDP socket on addr in the netns.
+// ListenUDP opens a marked UDP socket on addr in the netns (SO_REUSEPORT:
+// for stateless protocols, where any of the sockets may answer a datagram).
 func (n *NS) ListenUDP(ctx context.Context, addr netip.AddrPort) (*net.UDPConn, error) {
+	return n.listenUDP(ctx, addr, true)
+}
+
+// ListenUDPExclusive opens a marked UDP socket on addr in the netns without
+// SO_REUSEPORT: while another socket holds addr it fails with EADDRINUSE.
+// Connection-oriented UDP (QUIC) needs it: in a SO_REUSEPORT group the
+// kernel spreads a flow's datagrams by a hash over the group's members, so
+// a socket joining or leaving moves established connections to a process
+// that does not know them.
+func (n *NS) ListenUDPExclusive(ctx context.Context, addr netip.AddrPort) (*net.UDPConn, error) {
+	return n.listenUDP(ctx, addr, false)
+}
+
+func (n *NS) listenUDP(ctx context.Context, addr netip.AddrPort, reusePort bool) (*net.UDPConn, error) {
 	var pc net.PacketConn
 	err := n.Do(func() error {
 		var err error
-		lc := net.ListenConfig{Control: control(false, true)}
+		lc := net.ListenConfig{Control: control(false, reusePort)}
 		pc, err = lc.ListenPacket(ctx, "udp", addr.String())
 		return err
 	})
