@@ -368,9 +368,12 @@ func (a *App) handover(failed <-chan error) {
 	if a.cfg.HandoverTimeout <= 0 {
 		return
 	}
+	// A rollout may stop this ztunnel a moment before it starts the
+	// successor (the DaemonSet controller does when it finds this pod not
+	// ready), so no successor yet is no reason to stop accepting: the pods'
+	// traffic would be refused until it comes. Wait for one all the same.
 	if !a.successorOnNode() {
-		a.log.Info("handover: no other ztunnel on this node; stopping accepting now")
-		return
+		a.log.Info("handover: no other ztunnel on this node yet; accepting until one holds the pods", "timeout", a.cfg.HandoverTimeout)
 	}
 	start := time.Now()
 	deadline := time.NewTimer(a.cfg.HandoverTimeout)
