@@ -127,14 +127,26 @@ func newEnvQ(t *testing.T, tunnel Tunnel, serveQUIC bool, serverOpts ...func(*wo
 		}
 	}
 	// Server pod's HBONE listener (TCP and UDP on one port) and app.
-	hln, err := net.Listen("tcp", netip.AddrPortFrom(serverIP, 0).String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.hbonePort = uint16(hln.Addr().(*net.TCPAddr).Port)
-	udp, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(serverIP, e.hbonePort)))
-	if err != nil {
-		t.Fatal(err)
+	// The UDP port may be taken (other tests' QUIC sockets): try another
+	// TCP port then.
+	var hln net.Listener
+	var udp *net.UDPConn
+	for try := 0; ; try++ {
+		l, err := net.Listen("tcp", netip.AddrPortFrom(serverIP, 0).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := uint16(l.Addr().(*net.TCPAddr).Port)
+		u, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(serverIP, port)))
+		if err != nil {
+			l.Close()
+			if try < 20 {
+				continue
+			}
+			t.Fatal(err)
+		}
+		hln, udp, e.hbonePort = l, u, port
+		break
 	}
 	t.Cleanup(func() { udp.Close() })
 	app, err := net.Listen("tcp", netip.AddrPortFrom(serverIP, 0).String())
