@@ -78,7 +78,10 @@ type Config struct {
 	// DrainTimeout how long established connections then run on.
 	HandoverTimeout, DrainTimeout time.Duration
 	// CertWait bounds how long a new pod's handover waits for its first
-	// certificate (2 s; the CNI agent waits 5 s for the answer).
+	// certificate (4 s, under the CNI agent's 5 s wait for the answer). A
+	// successor that takes a pod without its certificate shares the pod's
+	// listeners with its predecessor and fails the connections it gets, as
+	// when an upgrade rolls istiod-lite at the same time.
 	CertWait time.Duration
 	LogLevel *slog.LevelVar
 	Log      *slog.Logger
@@ -125,7 +128,7 @@ func (c *Config) defaults() {
 		c.CAServerName = certs.ServerName(c.CAAddress)
 	}
 	if c.CertWait <= 0 {
-		c.CertWait = 2 * time.Second
+		c.CertWait = 4 * time.Second
 	}
 	if c.LogLevel == nil {
 		c.LogLevel = new(slog.LevelVar)
