@@ -221,6 +221,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		}()
 	}
 	goRun("http", a.serveHTTP)
+	zdsSynced := make(chan struct{})
+	a.zds.Synced = zdsSynced
 	goRun("zds", a.zds.Run)
 	goRun("plugin", a.servePlugin)
 	go a.nsInformer.Run(runCtx.Done())
@@ -236,6 +238,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.synced.Store(true)
 	a.log.Info("informers synced")
+	// Re-find the node's enrolled pods before ztunnel gets a snapshot
+	// (see zds.Server.Synced); workers start after, so nothing races.
+	a.reconcileAll(runCtx)
+	close(zdsSynced)
 
 	// Chain only once the plugin can reach us: from here pods on this node
 	// wait for the agent's word.

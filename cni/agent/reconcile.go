@@ -70,6 +70,28 @@ func (a *Agent) processNext(ctx context.Context) bool {
 	return true
 }
 
+// reconcileAll reconciles every pod on the node once, in the caller's
+// goroutine; a pod that fails is retried by the workers.
+func (a *Agent) reconcileAll(ctx context.Context) {
+	pods, err := a.podLister.List(labels.Everything())
+	if err != nil {
+		a.log.Error("list the node's pods", "err", err)
+		return
+	}
+	start := time.Now()
+	for _, p := range pods {
+		key := p.Namespace + "/" + p.Name
+		if err := a.reconcile(ctx, key); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			a.log.Warn("reconcile pod; will retry", "pod", key, "err", err)
+			a.queue.AddRateLimited(key)
+		}
+	}
+	a.log.Info("node's pods reconciled", "pods", len(pods), "took", time.Since(start).Round(time.Millisecond))
+}
+
 // reconcile brings one pod to what its labels ask for.
 func (a *Agent) reconcile(ctx context.Context, key string) error {
 	unlock := a.locks.lock(key)

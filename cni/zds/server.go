@@ -35,6 +35,11 @@ type Server struct {
 	// each Ack. Past either the connection is closed.
 	HelloTimeout time.Duration
 	AckTimeout   time.Duration
+	// Synced, when set, holds every snapshot until it is closed: a
+	// snapshot is the whole truth (ztunnel drops each pod it does not
+	// name), so an agent that has not yet re-found the node's enrolled
+	// pods after a restart must not send one.
+	Synced <-chan struct{}
 
 	mu        sync.Mutex
 	ln        *net.UnixListener
@@ -373,6 +378,21 @@ func (s *Server) serve(ctx context.Context, c *conn) {
 		c.uc.Close()
 		<-readerDone
 	}()
+	if s.Synced != nil {
+		select {
+		case <-s.Synced:
+		default:
+			c.log.Info("snapshot held until the agent knows the node's enrolled pods")
+			select {
+			case <-s.Synced:
+			case <-ctx.Done():
+				return
+			case <-c.dead:
+				s.logReadEnd(c)
+				return
+			}
+		}
+	}
 	if err := s.snapshot(ctx, c); err != nil {
 		c.log.Error("ZDS snapshot failed; closing", "err", err)
 		return

@@ -43,13 +43,16 @@ type fixture struct {
 	path string
 }
 
-func start(t *testing.T) *fixture {
+func start(t *testing.T, configure ...func(*Server)) *fixture {
 	t.Helper()
 	logs := &syncBuf{}
 	path := filepath.Join(t.TempDir(), "run", "ztunnel.sock")
 	srv := NewServer(path, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	srv.HelloTimeout = 500 * time.Millisecond
 	srv.AckTimeout = 500 * time.Millisecond
+	for _, f := range configure {
+		f(srv)
+	}
 	if err := srv.Listen(); err != nil {
 		t.Fatal(err)
 	}
@@ -238,6 +241,35 @@ func TestServer_ReplaysSnapshotWithNetnsThenIncrementalChanges(t *testing.T) {
 		t.Errorf("replay after reconnect: %v", got)
 	}
 	waitHeld(t, fx.srv, "uid-c", true)
+}
+
+// A restarted agent re-finds its pods before a snapshot goes out: an early
+// snapshot would name none of them, and ztunnel would drop them all.
+func TestServer_SnapshotWaitsUntilSynced(t *testing.T) {
+	synced := make(chan struct{})
+	fx := start(t, func(s *Server) { s.Synced = synced })
+	c := dial(t, fx.path)
+	if req, _, err := c.Next(300 * time.Millisecond); err == nil {
+		t.Fatalf("a snapshot request before the agent synced: %v", req)
+	}
+	if err := fx.srv.Add("uid-a", info("a"), netnsFile(t)); err != nil {
+		t.Fatal(err)
+	}
+	close(synced)
+	req, f := next(t, c)
+	if req.GetAdd().GetUid() != "uid-a" || f == nil {
+		t.Fatalf("want AddWorkload uid-a with its netns first, got %v", req)
+	}
+	c.Ack("")
+	req, _ = next(t, c)
+	if req.GetSnapshotSent() == nil {
+		t.Fatalf("want SnapshotSent, got %v", req)
+	}
+	c.Ack("")
+	waitHeld(t, fx.srv, "uid-a", true)
+	if !strings.Contains(fx.logs.String(), "snapshot held until the agent knows") {
+		t.Error("the held snapshot is not logged")
+	}
 }
 
 func TestServer_KeepForPodsWithoutNetnsAndAckErrorsStayPending(t *testing.T) {

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -351,9 +352,18 @@ func (s *suite) netnsOf(ns, name string) *os.File {
 // ztunnel would, so redirected traffic can be seen arriving.
 func (s *suite) connectHolder(i int) *zdstest.Holder {
 	s.t.Helper()
-	h, err := zdstest.NewHolder(s.zdsSocket(i))
+	h, err := s.tryConnectHolder(i)
 	if err != nil {
 		s.t.Fatalf("connect test ztunnel: %v", err)
+	}
+	return h
+}
+
+// tryConnectHolder is connectHolder returning the dial error.
+func (s *suite) tryConnectHolder(i int) (*zdstest.Holder, error) {
+	h, err := zdstest.NewHolder(s.zdsSocket(i))
+	if err != nil {
+		return nil, err
 	}
 	h.OnAdd = func(uid string, info *pb.WorkloadInfo, ns *os.File) {
 		if ns == nil || !strings.HasPrefix(info.GetName(), "capture") {
@@ -380,7 +390,7 @@ func (s *suite) connectHolder(i int) *zdstest.Holder {
 	s.mu.Lock()
 	s.holder = h
 	s.mu.Unlock()
-	return h
+	return h, nil
 }
 
 func (s *suite) closeHolder() {
@@ -836,17 +846,24 @@ func TestCNI(t *testing.T) {
 			t.Errorf("plugin unchained by a restart: %s", chainedTypes(s.conflist(0)))
 		}
 		s.closeHolder()
+		// Connect as soon as the new agent listens, as a waiting ztunnel
+		// does: before it has re-found its pods.
 		var newAgent string
-		s.waitFor(60*time.Second, "a new agent pod ready on node-0", func() (bool, error) {
+		var h2 *zdstest.Holder
+		t0 := time.Now()
+		s.waitFor(60*time.Second, "the new agent on node-0 to accept a ZDS connection", func() (bool, error) {
 			l, err := sb.Client().CoreV1().Pods(agentNS).List(ctx, metav1.ListOptions{LabelSelector: "app=cni-agent", FieldSelector: "spec.nodeName=" + node0})
-			if err != nil || len(l.Items) != 1 || l.Items[0].UID == old.UID || !running(&l.Items[0]) {
+			if err != nil || len(l.Items) != 1 || l.Items[0].UID == old.UID {
 				return false, nil
 			}
 			newAgent = l.Items[0].Name
+			h, err := s.tryConnectHolder(0)
+			if err != nil {
+				return false, nil
+			}
+			h2 = h
 			return true, nil
 		})
-		t0 := time.Now()
-		h2 := s.connectHolder(0)
 		err = h2.WaitFor(ctx, func(pods map[string]zdstest.Pod, done bool) bool {
 			_, a := pods[string(app.UID)]
 			_, c := pods[string(capture.UID)]
@@ -856,6 +873,15 @@ func TestCNI(t *testing.T) {
 			t.Fatalf("new agent %s did not hand over the enrolled pods: %v (ZDS log %v)", newAgent, err, h2.Log())
 		}
 		t.Logf("after the restart, ztunnel got %v in %v", h2.Log(), time.Since(t0).Round(time.Millisecond))
+		// The snapshot is the whole truth: ztunnel drops every pod it does
+		// not name, so both pods come before SnapshotSent.
+		zlog := h2.Log()
+		end := slices.Index(zlog, "snapshot-sent")
+		for _, uid := range []string{string(app.UID), string(capture.UID)} {
+			if i := slices.Index(zlog, "add "+uid); i < 0 || i > end {
+				t.Errorf("pod %s not in the new agent's snapshot (ztunnel would drop it): ZDS log %v", uid, zlog)
+			}
+		}
 		if p := h2.Pods()[string(app.UID)]; !sameFile(t, p.Netns, s.netnsOf(ambientNS, "app")) {
 			t.Error("replayed netns is not the pod's")
 		}

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	meshchart "github.com/meshlite/meshlite/deploy/helm"
@@ -130,7 +131,18 @@ func TestChart_InstallEnrollUpgradeUninstall(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		sb.Client().CoreV1().Namespaces().Delete(context.Background(), appNS, metav1.DeleteOptions{})
+		// Wait for the namespace to go: a next run would otherwise
+		// create its pods while these are still being deleted.
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		sb.Client().CoreV1().Namespaces().Delete(ctx, appNS, metav1.DeleteOptions{})
+		for ctx.Err() == nil {
+			if _, err := sb.Client().CoreV1().Namespaces().Get(ctx, appNS, metav1.GetOptions{}); apierrors.IsNotFound(err) {
+				return
+			}
+			time.Sleep(300 * time.Millisecond)
+		}
+		t.Errorf("namespace %s still there a minute after its deletion", appNS)
 	})
 	client := waitRedirected(ctx, t, sb, "client")
 	echo := waitRedirected(ctx, t, sb, "echo")
@@ -174,6 +186,9 @@ func TestChart_InstallEnrollUpgradeUninstall(t *testing.T) {
 	// with a surge pod beside the old one on each node. New connections
 	// from the enrolled client keep working all along.
 	oldZtunnels := podNames(ctx, t, sb, "app=ztunnel")
+	logCtx, stopLogs := context.WithCancel(ctx)
+	defer stopLogs()
+	meshLog := followMeshLogs(logCtx, sb)
 	stopTraffic := make(chan struct{})
 	type result struct {
 		ok, failed int
@@ -214,6 +229,10 @@ func TestChart_InstallEnrollUpgradeUninstall(t *testing.T) {
 	t.Logf("upgraded in %v; connections during the upgrade: %d ok, %d failed", time.Since(start).Round(time.Millisecond), traffic.ok, traffic.failed)
 	if traffic.failed > 0 || traffic.ok < 10 {
 		t.Errorf("connections during the upgrade: %d ok, %d failed (first: %v)", traffic.ok, traffic.failed, traffic.firstErr)
+		time.Sleep(time.Second) // the stopping pods' last lines
+		stopLogs()
+		meshLog.wg.Wait()
+		t.Logf("mesh logs during the upgrade:\n%s", meshLog)
 	}
 	for _, n := range podNames(ctx, t, sb, "app=ztunnel") {
 		if slices.Contains(oldZtunnels, n) {
