@@ -7,5 +7,6 @@
 // connection table and by counters on the nodes' forwarding path that
 // never see the payload in clear), L4 AuthorizationPolicy denials and
 // their log lines, and plaintext from outside the mesh allowed only under
-// PERMISSIVE.
+// PERMISSIVE. The harness (sandbox, install, probes) is e2e/meshharness,
+// shared with e2e/ztunneltest.
 package meshtest

@@ -10,5 +10,6 @@
 // back), and bad input at the HBONE port (malformed CONNECT, unknown
 // targets, a foreign trust domain, abandoned handshakes) refused while
 // ztunnel keeps serving others. The e2e/meshtest package covers the basic
-// data paths (HBONE across nodes, VIPs, PERMISSIVE and STRICT).
+// data paths (HBONE across nodes, VIPs, PERMISSIVE and STRICT); both use
+// the harness in e2e/meshharness.
 package ztunneltest

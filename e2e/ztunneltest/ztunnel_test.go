@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -28,10 +27,11 @@ import (
 	mdns "github.com/miekg/dns"
 	"golang.org/x/net/http2"
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/meshlite/meshlite/e2e/echo"
+	"github.com/meshlite/meshlite/e2e/meshharness"
+	"github.com/meshlite/meshlite/e2e/meshinstall"
 	"github.com/meshlite/meshlite/e2e/sandbox"
 	"github.com/meshlite/meshlite/internal/identity"
 	"github.com/meshlite/meshlite/internal/kube"
@@ -47,50 +47,31 @@ const (
 	// certTTL is the workload certificate lifetime ztunnel asks for after
 	// the restart, short enough to rotate within the outage test.
 	certTTL = "2m"
+	// systemNS is where the mesh runs.
+	systemNS = meshinstall.Namespace
 )
 
-func spiffe(ns, sa string) string { return "spiffe://cluster.local/ns/" + ns + "/sa/" + sa }
+// env is the shared harness (e2e/meshharness) with this suite's own helpers.
+type env struct{ *meshharness.Env }
 
 func runOutput(name string, args ...string) ([]byte, error) {
 	return exec.Command(name, args...).CombinedOutput()
-}
-
-func randomMarker() string {
-	b := make([]byte, 8)
-	rand.Read(b)
-	return "ztunneltest-" + hex.EncodeToString(b)
 }
 
 // TestZtunnel installs the mesh and the sample app once and runs the
 // checks in order; later ones rely on the state earlier ones leave (the
 // restart switches ztunnel to --tunnel=auto with short-lived certificates).
 func TestZtunnel(t *testing.T) {
-	sb := sandbox.Start(t)
-	if sb.Plan.Nodes < 2 {
-		t.Fatalf("the sandbox has %d nodes; the ztunnel tests need 2", sb.Plan.Nodes)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 9*time.Minute)
-	defer cancel()
-	repo, err := sandbox.RepoRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	objs, err := newObjects(sb)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := &env{sb: sb, ctx: ctx, repo: repo, objs: objs}
-	start := time.Now()
-	e.installMesh(t, []string{appNS, otherNS})
-	t.Logf("mesh installed in %v (istiod-lite at %s)", time.Since(start).Round(time.Millisecond), e.istiodIP)
+	e := &env{meshharness.Start(t, 9*time.Minute, appNS, otherNS)}
+	sb, ctx := e.Sandbox, e.Ctx
 	node0, node1 := sb.NodeName(0), sb.NodeName(1)
-	start = time.Now()
+	start := time.Now()
 	e.deployApp(t, node0, node1)
 	t.Logf("sample app running in %v", time.Since(start).Round(time.Millisecond))
 
 	a := &app{
-		client: e.pod(t, appNS, "client"), other: e.pod(t, otherNS, "other"),
-		echo0: e.pod(t, appNS, "echo-0"), echo1: e.pod(t, appNS, "echo-1"), echoQ: e.pod(t, otherNS, "echo-q"),
+		client: e.Pod(t, appNS, "client"), other: e.Pod(t, otherNS, "other"),
+		echo0: e.Pod(t, appNS, "echo-0"), echo1: e.Pod(t, appNS, "echo-1"), echoQ: e.Pod(t, otherNS, "echo-q"),
 	}
 	svc, err := sb.Client().CoreV1().Services(appNS).Get(ctx, "echo", metav1.GetOptions{})
 	if err != nil {
@@ -135,7 +116,7 @@ func hostPort(ip string, port int) string { return net.JoinHostPort(ip, strconv.
 
 // podDialer dials from inside a pod's netns (its path resolved once).
 type podDialer struct {
-	path string
+	meshharness.NetnsDialer
 	// dns is the nameserver in every pod's resolv.conf (the sandbox runs
 	// no cluster DNS: only ztunnel's proxy answers there).
 	dns string
@@ -143,52 +124,13 @@ type podDialer struct {
 
 func (e *env) dialer(t *testing.T, ns, name string) podDialer {
 	t.Helper()
-	p, err := e.sb.PodNetns(e.ctx, ns, name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return podDialer{path: p, dns: netip.AddrPortFrom(e.sb.Plan.ClusterDNS(), 53).String()}
-}
-
-func (d podDialer) dial(ctx context.Context, network, addr string) (net.Conn, error) {
-	var c net.Conn
-	err := nsenter.DoPath(d.path, func() error {
-		var nd net.Dialer
-		var err error
-		c, err = nd.DialContext(ctx, network, addr)
-		return err
-	})
-	return c, err
-}
-
-// get sends one HTTP GET on a new connection from the pod.
-func (d podDialer) get(ctx context.Context, rawURL string, timeout time.Duration) (int, echo.Fields, error) {
-	tr := &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-		return d.dial(ctx, "tcp", addr)
-	}}
-	defer tr.CloseIdleConnections()
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
-	if err != nil {
-		return 0, nil, err
-	}
-	resp, err := (&http.Client{Transport: tr}).Do(req)
-	if err != nil {
-		return 0, nil, err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return resp.StatusCode, nil, err
-	}
-	return resp.StatusCode, echo.ParseFields(string(b)), nil
+	return podDialer{NetnsDialer: e.Dialer(t, ns, name), dns: netip.AddrPortFrom(e.Sandbox.Plan.ClusterDNS(), 53).String()}
 }
 
 // dnsQuery asks the pod's nameserver (captured to ztunnel's 15053) over
 // network (udp or tcp).
 func (d podDialer) dnsQuery(ctx context.Context, network, name string, qtype uint16) (*mdns.Msg, time.Duration, error) {
-	c, err := d.dial(ctx, network, d.dns)
+	c, err := d.Dial(ctx, network, d.dns)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -214,7 +156,7 @@ func testDNS(t *testing.T, e *env, a *app) {
 	d := e.dialer(t, appNS, "client")
 	fqdn := "echo." + appNS + ".svc.cluster.local."
 	for _, network := range []string{"udp", "tcp"} {
-		r, _, err := d.dnsQuery(e.ctx, network, fqdn, mdns.TypeA)
+		r, _, err := d.dnsQuery(e.Ctx, network, fqdn, mdns.TypeA)
 		if err != nil {
 			t.Fatalf("%s query for %s: %v", network, fqdn, err)
 		}
@@ -225,7 +167,7 @@ func testDNS(t *testing.T, e *env, a *app) {
 	}
 	// A name outside the mesh goes to ztunnel's upstream (none reachable in
 	// the sandbox): a clear SERVFAIL, promptly, never an invented NXDOMAIN.
-	r, rtt, err := d.dnsQuery(e.ctx, "udp", "example.com.", mdns.TypeA)
+	r, rtt, err := d.dnsQuery(e.Ctx, "udp", "example.com.", mdns.TypeA)
 	if err != nil {
 		t.Fatalf("query for example.com: %v (a hang, not an answer)", err)
 	}
@@ -238,7 +180,7 @@ func testDNS(t *testing.T, e *env, a *app) {
 	// The pod's own resolver (its resolv.conf: search path, ndots:5) finds
 	// the Service by short name and by FQDN, and the requests go through.
 	name := "dnsclient"
-	e.sb.Client().CoreV1().Pods(appNS).Delete(e.ctx, name, metav1.DeleteOptions{})
+	e.Sandbox.Client().CoreV1().Pods(appNS).Delete(e.Ctx, name, metav1.DeleteOptions{})
 	pod := fmt.Sprintf(`
 apiVersion: v1
 kind: Pod
@@ -256,13 +198,15 @@ spec:
     image: meshlite/echo:dev
     args: [client, -n, "3", -new-conn, "http://echo.%[2]s.svc.cluster.local/fqdn"]
 `, name, appNS, a.client.Spec.NodeName)
-	if _, err := e.sb.Apply(e.ctx, pod); err != nil {
+	if _, err := e.Sandbox.Apply(e.Ctx, pod); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { e.sb.Client().CoreV1().Pods(appNS).Delete(context.Background(), name, metav1.DeleteOptions{}) })
+	t.Cleanup(func() {
+		e.Sandbox.Client().CoreV1().Pods(appNS).Delete(context.Background(), name, metav1.DeleteOptions{})
+	})
 	var phase corev1.PodPhase
-	err = e.sb.WaitFor(e.ctx, 60*time.Second, "the DNS client pod to finish", func(ctx context.Context) (bool, error) {
-		p, err := e.sb.Client().CoreV1().Pods(appNS).Get(ctx, name, metav1.GetOptions{})
+	err = e.Sandbox.WaitFor(e.Ctx, 60*time.Second, "the DNS client pod to finish", func(ctx context.Context) (bool, error) {
+		p, err := e.Sandbox.Client().CoreV1().Pods(appNS).Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return false, nil
 		}
@@ -273,7 +217,7 @@ spec:
 		var b strings.Builder
 		for _, c := range []string{"short", "fqdn"} {
 			fmt.Fprintf(&b, "--- %s:\n", c)
-			e.sb.Logs(e.ctx, appNS, name, c, false, &b)
+			e.Sandbox.Logs(e.Ctx, appNS, name, c, false, &b)
 		}
 		t.Fatalf("pod requests by Service name: phase %s, %v\n%s", phase, err, b.String())
 	}
@@ -307,7 +251,7 @@ type dump struct {
 func (e *env) dump(t *testing.T, node int) dump {
 	t.Helper()
 	var d dump
-	if err := json.Unmarshal(e.admin(t, node, "/config_dump"), &d); err != nil {
+	if err := json.Unmarshal(e.Admin(t, node, "/config_dump"), &d); err != nil {
 		t.Fatalf("decode /config_dump of node %d: %v", node, err)
 	}
 	return d
@@ -325,7 +269,7 @@ func (d dump) workload(ns, name string) (local bool, redirection, why string, ok
 func testRedirection(t *testing.T, e *env, a *app) {
 	for node := range 2 {
 		d := e.dump(t, node)
-		if d.Ztunnel == nil || d.Ztunnel.Node != e.sb.NodeName(node) || d.Ztunnel.Tunnel != "h2" || d.Ztunnel.Version == "" {
+		if d.Ztunnel == nil || d.Ztunnel.Node != e.Sandbox.NodeName(node) || d.Ztunnel.Tunnel != "h2" || d.Ztunnel.Version == "" {
 			t.Errorf("node %d: ztunnel object %+v", node, d.Ztunnel)
 		}
 		for _, w := range d.Workloads {
@@ -341,7 +285,7 @@ func testRedirection(t *testing.T, e *env, a *app) {
 		}
 	}
 	// Unhook the pod's outbound capture: the dump says so, with why.
-	nsPath, err := e.sb.PodNetns(e.ctx, otherNS, "other")
+	nsPath, err := e.Sandbox.PodNetns(e.Ctx, otherNS, "other")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -371,7 +315,7 @@ func testRedirection(t *testing.T, e *env, a *app) {
 	t.Cleanup(restore)
 	node := nodeIndex(e, a.other.Spec.NodeName)
 	var why string
-	e.eventually(t, 10*time.Second, "the dump to show other's redirection missing", func() bool {
+	e.Eventually(t, 10*time.Second, "the dump to show other's redirection missing", func() bool {
 		_, r, w, _ := e.dump(t, node).workload(otherNS, "other")
 		why = w
 		return r == "missing"
@@ -380,21 +324,21 @@ func testRedirection(t *testing.T, e *env, a *app) {
 		t.Errorf("redirection_error %q does not name the missing hook", why)
 	}
 	restore()
-	e.eventually(t, 10*time.Second, "the dump to show other's redirection verified again", func() bool {
+	e.Eventually(t, 10*time.Second, "the dump to show other's redirection verified again", func() bool {
 		_, r, _, _ := e.dump(t, node).workload(otherNS, "other")
 		return r == "verified"
 	})
 	// tcp_migrate_req: a handover moves queued connections instead of
 	// resetting them.
-	out, err := e.sb.Exec(e.ctx, appNS, "client", "cat", "/proc/sys/net/ipv4/tcp_migrate_req")
+	out, err := e.Sandbox.Exec(e.Ctx, appNS, "client", "cat", "/proc/sys/net/ipv4/tcp_migrate_req")
 	if err != nil || strings.TrimSpace(string(out)) != "1" {
 		t.Errorf("tcp_migrate_req in the client pod: %q %v", out, err)
 	}
 }
 
 func nodeIndex(e *env, name string) int {
-	for i := range e.sb.Plan.Nodes {
-		if e.sb.NodeName(i) == name {
+	for i := range e.Sandbox.Plan.Nodes {
+		if e.Sandbox.NodeName(i) == name {
 			return i
 		}
 	}
@@ -405,12 +349,11 @@ func nodeIndex(e *env, name string) int {
 // ends.
 func (e *env) applyPolicy(t *testing.T, yaml string) {
 	t.Helper()
-	objs, err := e.sb.Apply(e.ctx, yaml)
-	if err != nil {
+	if _, err := e.Sandbox.Apply(e.Ctx, yaml); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := e.objs.applier.Delete(context.Background(), objs...); err != nil {
+		if err := e.Sandbox.Delete(context.Background(), yaml); err != nil {
 			t.Errorf("delete policy: %v", err)
 		}
 	})
@@ -420,15 +363,15 @@ func testPolicy(t *testing.T, e *env, a *app) {
 	cli, oth := e.dialer(t, appNS, "client"), e.dialer(t, otherNS, "other")
 	echo1 := func(port int) string { return hostPort(a.echo1.Status.PodIP, port) }
 	tcpOK := func(d podDialer) error {
-		c, err := d.dial(e.ctx, "tcp", echo1(9090))
+		c, err := d.Dial(e.Ctx, "tcp", echo1(9090))
 		if err != nil {
 			return err
 		}
 		defer c.Close()
-		return echoConn{c}.roundTrip("policy check")
+		return meshharness.EchoConn{Conn: c}.RoundTrip("policy check")
 	}
 	httpOK := func(d podDialer) error {
-		code, _, err := d.get(e.ctx, "http://"+echo1(8080)+"/policy", 5*time.Second)
+		code, _, err := d.Get(e.Ctx, "http://"+echo1(8080)+"/policy", 5*time.Second)
 		if err == nil && code != 200 {
 			err = fmt.Errorf("status %d", code)
 		}
@@ -448,17 +391,17 @@ spec:
   - from: [{source: {principals: ["cluster.local/ns/%[1]s/sa/client"]}}]
     to: [{operation: {ports: ["9090"]}}]
 `, appNS))
-		e.eventually(t, 20*time.Second, "the DENY policy to apply", func() bool { return tcpOK(cli) != nil })
+		e.Eventually(t, 20*time.Second, "the DENY policy to apply", func() bool { return tcpOK(cli) != nil })
 		if err := httpOK(cli); err != nil {
 			t.Errorf("client HTTP on 8080 under a DENY for 9090: %v", err)
 		}
 		if err := tcpOK(oth); err != nil {
 			t.Errorf("other namespace's TCP to 9090 (not the denied principal): %v", err)
 		}
-		e.findLog(t, a.echo1.Spec.NodeName, "the deny log line", func(l map[string]any) bool {
-			return str(l, "msg") == "connection denied by policy" && str(l, "src.identity") == spiffe(appNS, "client") &&
-				str(l, "policy") == appNS+"/deny-client-tcp" && str(l, "rule") == "0" && str(l, "dst") == echo1(9090) &&
-				str(l, "dst.workload") == appNS+"/echo-1" && str(l, "src.ip") == a.client.Status.PodIP
+		e.FindLog(t, a.echo1.Spec.NodeName, "the deny log line", func(l meshharness.LogLine) bool {
+			return l.Get("msg") == "connection denied by policy" && l.Get("src.identity") == meshharness.Spiffe(appNS, "client") &&
+				l.Get("policy") == appNS+"/deny-client-tcp" && l.Get("rule") == "0" && l.Get("dst") == echo1(9090) &&
+				l.Get("dst.workload") == appNS+"/echo-1" && l.Get("src.ip") == a.client.Status.PodIP
 		})
 	})
 	// ALLOW by namespace and port: only the other namespace, only 8080.
@@ -474,91 +417,69 @@ spec:
   - from: [{source: {namespaces: ["%[2]s"]}}]
     to: [{operation: {ports: ["8080"]}}]
 `, appNS, otherNS))
-		e.eventually(t, 20*time.Second, "the ALLOW policy to apply", func() bool { return httpOK(cli) != nil })
+		e.Eventually(t, 20*time.Second, "the ALLOW policy to apply", func() bool { return httpOK(cli) != nil })
 		if err := httpOK(oth); err != nil {
 			t.Errorf("other namespace's HTTP on 8080, allowed: %v", err)
 		}
 		if err := tcpOK(oth); err == nil {
 			t.Error("other namespace's TCP on 9090 passed an ALLOW for 8080 only")
 		}
-		e.findLog(t, a.echo1.Spec.NodeName, "the no-ALLOW-matched log line", func(l map[string]any) bool {
-			return str(l, "msg") == "connection denied by policy" && str(l, "src.identity") == spiffe(appNS, "client") &&
-				str(l, "reason") == "no ALLOW policy matched" && str(l, "dst") == echo1(8080)
+		e.FindLog(t, a.echo1.Spec.NodeName, "the no-ALLOW-matched log line", func(l meshharness.LogLine) bool {
+			return l.Get("msg") == "connection denied by policy" && l.Get("src.identity") == meshharness.Spiffe(appNS, "client") &&
+				l.Get("reason") == "no ALLOW policy matched" && l.Get("dst") == echo1(8080)
 		})
 	})
 	// Both gone: the client is served again.
-	e.eventually(t, 20*time.Second, "the policies to go", func() bool { return httpOK(cli) == nil && tcpOK(cli) == nil })
-}
-
-// ztunnelPods lists the ztunnel pods by node.
-func (e *env) ztunnelPods(t *testing.T) []corev1.Pod {
-	t.Helper()
-	l, err := e.sb.Client().CoreV1().Pods(systemNS).List(e.ctx, metav1.ListOptions{LabelSelector: "app=ztunnel"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return l.Items
+	e.Eventually(t, 20*time.Second, "the policies to go", func() bool { return httpOK(cli) == nil && tcpOK(cli) == nil })
 }
 
 // setZtunnelArgs rewrites the ztunnel DaemonSet's args (a rolling update).
 func (e *env) setZtunnelArgs(t *testing.T, edit func([]string) []string) {
 	t.Helper()
-	dss := e.sb.Client().AppsV1().DaemonSets(systemNS)
-	ds, err := dss.Get(e.ctx, "ztunnel", metav1.GetOptions{})
+	dss := e.Sandbox.Client().AppsV1().DaemonSets(systemNS)
+	ds, err := dss.Get(e.Ctx, "ztunnel", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := &ds.Spec.Template.Spec.Containers[0]
 	c.Args = edit(c.Args)
-	if _, err := dss.Update(e.ctx, ds, metav1.UpdateOptions{}); err != nil {
+	if _, err := dss.Update(e.Ctx, ds, metav1.UpdateOptions{}); err != nil {
 		t.Fatalf("update the ztunnel DaemonSet: %v", err)
 	}
 }
 
 // waitRollout waits until every node runs exactly one ztunnel of the
-// DaemonSet's current template, ready, and refreshes e.ztunnel.
+// DaemonSet's current template, ready, and refreshes e.Ztunnel.
 func (e *env) waitRollout(t *testing.T, timeout time.Duration) {
 	t.Helper()
-	dss := e.sb.Client().AppsV1().DaemonSets(systemNS)
-	err := e.sb.WaitFor(e.ctx, timeout, "the ztunnel rollout", func(ctx context.Context) (bool, error) {
+	dss := e.Sandbox.Client().AppsV1().DaemonSets(systemNS)
+	err := e.Sandbox.WaitFor(e.Ctx, timeout, "the ztunnel rollout", func(ctx context.Context) (bool, error) {
 		ds, err := dss.Get(ctx, "ztunnel", metav1.GetOptions{})
 		if err != nil {
 			return false, nil
 		}
 		gen := strconv.FormatInt(ds.Generation, 10)
-		pods := e.ztunnelPods(t)
-		if len(pods) != e.sb.Plan.Nodes {
+		pods := e.ZtunnelPods(t)
+		if len(pods) != e.Sandbox.Plan.Nodes {
 			return false, nil
 		}
 		for _, p := range pods {
-			if p.Labels["pod-template-generation"] != gen || !ready(&p) || p.DeletionTimestamp != nil {
+			if p.Labels["pod-template-generation"] != gen || !meshharness.Ready(&p) || p.DeletionTimestamp != nil {
 				return false, nil
 			}
 		}
-		return ds.Status.ObservedGeneration == ds.Generation && ds.Status.UpdatedNumberScheduled == int32(e.sb.Plan.Nodes), nil
+		return ds.Status.ObservedGeneration == ds.Generation && ds.Status.UpdatedNumberScheduled == int32(e.Sandbox.Plan.Nodes), nil
 	})
 	if err != nil {
-		t.Fatalf("%v\n%s", err, e.podLogs(systemNS, "app=ztunnel"))
+		t.Fatalf("%v\n%s", err, e.PodLogs(systemNS, "app=ztunnel"))
 	}
-	e.ztunnel = map[string]string{}
-	for _, p := range e.ztunnelPods(t) {
-		e.ztunnel[p.Spec.NodeName] = p.Name
-	}
-}
-
-func ready(p *corev1.Pod) bool {
-	for _, c := range p.Status.Conditions {
-		if c.Type == corev1.PodReady {
-			return c.Status == corev1.ConditionTrue
-		}
-	}
-	return false
+	e.RefreshZtunnels(t)
 }
 
 func testRestart(t *testing.T, e *env, a *app) {
-	marker := randomMarker()
-	probe := e.newWireProbe(t, marker, a.echo1.Status.PodIP, map[string]int{"app-http": 8080, "hbone": 15008})
-	before := probe.counts(t)
+	marker := meshharness.RandomMarker("ztunneltest")
+	probe := e.NewWireProbe(t, marker, a.echo1.Status.PodIP, map[string]int{"app-http": 8080, "hbone": 15008})
+	before := probe.Counts(t)
 	cli := e.dialer(t, appNS, "client")
 	targets := []string{
 		"http://" + hostPort(a.echo1.Status.PodIP, 8080) + "/" + marker, // pod IP, across nodes
@@ -585,7 +506,7 @@ func testRestart(t *testing.T, e *env, a *app) {
 				}
 				sent.Add(1)
 				start := time.Now()
-				code, f, err := cli.get(e.ctx, targets[(i+w)%2], 5*time.Second)
+				code, f, err := cli.Get(e.Ctx, targets[(i+w)%2], 5*time.Second)
 				if err == nil && (code != 200 || f.Get(echo.FieldPod) == "") {
 					err = fmt.Errorf("status %d, answer %v", code, f)
 				}
@@ -604,9 +525,9 @@ func testRestart(t *testing.T, e *env, a *app) {
 	old := map[string]string{}
 	oldLogs := map[string]*syncBuf{}
 	var logsWG sync.WaitGroup
-	lctx, lcancel := context.WithTimeout(e.ctx, 3*time.Minute)
+	lctx, lcancel := context.WithTimeout(e.Ctx, 3*time.Minute)
 	defer lcancel()
-	for _, p := range e.ztunnelPods(t) {
+	for _, p := range e.ZtunnelPods(t) {
 		old[p.Name] = p.Spec.NodeName
 		// Follow each old ztunnel's log to its end: it must say it handed
 		// its pods over to a successor rather than just stopping.
@@ -615,7 +536,7 @@ func testRestart(t *testing.T, e *env, a *app) {
 		logsWG.Add(1)
 		go func() {
 			defer logsWG.Done()
-			e.sb.Logs(lctx, systemNS, p.Name, "istio-proxy", true, b)
+			e.Sandbox.Logs(lctx, systemNS, p.Name, "istio-proxy", true, b)
 		}()
 	}
 	start := time.Now()
@@ -631,8 +552,8 @@ func testRestart(t *testing.T, e *env, a *app) {
 	})
 	e.waitRollout(t, 3*time.Minute)
 	// The old ones may still be draining: wait until they are gone.
-	e.eventually(t, 60*time.Second, "the old ztunnels to exit", func() bool {
-		for _, p := range e.ztunnelPods(t) {
+	e.Eventually(t, 60*time.Second, "the old ztunnels to exit", func() bool {
+		for _, p := range e.ZtunnelPods(t) {
 			if _, isOld := old[p.Name]; isOld {
 				return false
 			}
@@ -649,7 +570,7 @@ func testRestart(t *testing.T, e *env, a *app) {
 	}
 	time.Sleep(2 * time.Second)
 	stopLoad()
-	after := probe.counts(t)
+	after := probe.Counts(t)
 	t.Logf("requests %d, failed %d; forwarding-path counters %v -> %v", sent.Load(), failed.Load(), before, after)
 	if failed.Load() > 0 {
 		t.Errorf("%d of %d requests failed during the restart:\n%s", failed.Load(), sent.Load(), strings.Join(errs, "\n"))
@@ -690,15 +611,15 @@ func testAutoFallback(t *testing.T, e *env, a *app) {
 	cli := e.dialer(t, appNS, "client")
 	// QUIC to the other pod, an endpoint the restart's load did not touch
 	// (one caught mid-handover may have been remembered as h2 for a while).
-	c, err := cli.dial(e.ctx, "tcp", hostPort(a.other.Status.PodIP, 9090))
+	c, err := cli.Dial(e.Ctx, "tcp", hostPort(a.other.Status.PodIP, 9090))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if err := (echoConn{c}).roundTrip("over quic"); err != nil {
+	if err := (meshharness.EchoConn{Conn: c}).RoundTrip("over quic"); err != nil {
 		t.Fatalf("client to the other pod in auto mode: %v", err)
 	}
-	ci := e.findConn(t, 0, "the outbound connection to the other pod", func(ci connInfo) bool {
+	ci := e.FindConn(t, 0, "the outbound connection to the other pod", func(ci meshharness.ConnInfo) bool {
 		return ci.Direction == "outbound" && ci.Dst == hostPort(a.other.Status.PodIP, 9090)
 	})
 	if ci.Transport != "h3" || ci.Security != "mtls" {
@@ -709,7 +630,7 @@ func testAutoFallback(t *testing.T, e *env, a *app) {
 	// UDP 15008 dropped inside echo-q's netns (node-1): the first
 	// connection falls back to HTTP/2 after the QUIC attempt, the next goes
 	// HTTP/2 at once.
-	nsPath, err := e.sb.PodNetns(e.ctx, otherNS, "echo-q")
+	nsPath, err := e.Sandbox.PodNetns(e.Ctx, otherNS, "echo-q")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -732,15 +653,15 @@ func testAutoFallback(t *testing.T, e *env, a *app) {
 		// The first pays the QUIC attempt (1 s): proof that it was tried.
 		minimum := []time.Duration{900 * time.Millisecond, 0}[i]
 		start := time.Now()
-		c, err := cli.dial(e.ctx, "tcp", target)
+		c, err := cli.Dial(e.Ctx, "tcp", target)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := (echoConn{c}).roundTrip(fmt.Sprintf("fallback %d", i)); err != nil {
+		if err := (meshharness.EchoConn{Conn: c}).RoundTrip(fmt.Sprintf("fallback %d", i)); err != nil {
 			t.Fatalf("connection %d to echo-q with UDP 15008 blocked: %v", i, err)
 		}
 		took := time.Since(start)
-		ci := e.findConn(t, 0, "the outbound connection to echo-q", func(ci connInfo) bool {
+		ci := e.FindConn(t, 0, "the outbound connection to echo-q", func(ci meshharness.ConnInfo) bool {
 			return ci.Direction == "outbound" && ci.Dst == target
 		})
 		c.Close()
@@ -762,8 +683,8 @@ func testAutoFallback(t *testing.T, e *env, a *app) {
 	if !remembered {
 		t.Errorf("node %d's dump does not show the remembered fallback to h2 for echo-q: %+v", node, d.Ztunnel)
 	}
-	e.findLog(t, a.client.Spec.NodeName, "the fallback log line", func(l map[string]any) bool {
-		return str(l, "msg") == "QUIC to endpoint failed; using HTTP/2" && str(l, "endpoint") == hostPort(a.echoQ.Status.PodIP, 15008)
+	e.FindLog(t, a.client.Spec.NodeName, "the fallback log line", func(l meshharness.LogLine) bool {
+		return l.Get("msg") == "QUIC to endpoint failed; using HTTP/2" && l.Get("endpoint") == hostPort(a.echoQ.Status.PodIP, 15008)
 	})
 }
 
@@ -778,7 +699,7 @@ func testQUICMode(t *testing.T, e *env, a *app) {
 	})
 	e.waitRollout(t, 2*time.Minute)
 	for node := range 2 {
-		e.eventually(t, 30*time.Second, fmt.Sprintf("node %d's ztunnel in quic mode", node), func() bool {
+		e.Eventually(t, 30*time.Second, fmt.Sprintf("node %d's ztunnel in quic mode", node), func() bool {
 			d := e.dump(t, node)
 			return d.Ztunnel != nil && d.Ztunnel.Tunnel == "quic"
 		})
@@ -786,14 +707,14 @@ func testQUICMode(t *testing.T, e *env, a *app) {
 	cli := e.dialer(t, appNS, "client")
 	for _, ip := range []string{a.echo1.Status.PodIP, a.echo0.Status.PodIP} {
 		target := hostPort(ip, 9090)
-		c, err := cli.dial(e.ctx, "tcp", target)
+		c, err := cli.Dial(e.Ctx, "tcp", target)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := (echoConn{c}).roundTrip("quic mode"); err != nil {
+		if err := (meshharness.EchoConn{Conn: c}).RoundTrip("quic mode"); err != nil {
 			t.Fatalf("client to %s in quic mode: %v", target, err)
 		}
-		ci := e.findConn(t, 0, "the outbound connection to "+target, func(ci connInfo) bool {
+		ci := e.FindConn(t, 0, "the outbound connection to "+target, func(ci meshharness.ConnInfo) bool {
 			return ci.Direction == "outbound" && ci.Dst == target
 		})
 		c.Close()
@@ -806,11 +727,11 @@ func testQUICMode(t *testing.T, e *env, a *app) {
 // istiodPIDs finds the istiod-lite processes (those in its pod's netns).
 func (e *env) istiodPIDs(t *testing.T) []int {
 	t.Helper()
-	pods, err := e.sb.WaitPodsRunning(e.ctx, systemNS, "app=istiod", 1, 30*time.Second)
+	pods, err := e.Sandbox.WaitPodsRunning(e.Ctx, systemNS, "app=istiod", 1, 30*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	path, err := e.sb.PodNetns(e.ctx, systemNS, pods[0].Name)
+	path, err := e.Sandbox.PodNetns(e.Ctx, systemNS, pods[0].Name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -851,18 +772,18 @@ func (e *env) serials(t *testing.T, node int) map[string]string {
 
 func testIstiodOutage(t *testing.T, e *env, a *app) {
 	cli := e.dialer(t, appNS, "client")
-	held, err := cli.dial(e.ctx, "tcp", hostPort(a.echo1.Status.PodIP, 9090))
+	held, err := cli.Dial(e.Ctx, "tcp", hostPort(a.echo1.Status.PodIP, 9090))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer held.Close()
-	if err := (echoConn{held}).roundTrip("before the outage"); err != nil {
+	if err := (meshharness.EchoConn{Conn: held}).RoundTrip("before the outage"); err != nil {
 		t.Fatal(err)
 	}
 	ids := []struct {
 		node int
 		id   string
-	}{{0, spiffe(appNS, "client")}, {1, spiffe(appNS, "echo")}}
+	}{{0, meshharness.Spiffe(appNS, "client")}, {1, meshharness.Spiffe(appNS, "echo")}}
 	before := map[int]map[string]string{0: e.serials(t, 0), 1: e.serials(t, 1)}
 	for _, x := range ids {
 		if before[x.node][x.id] == "" {
@@ -890,26 +811,26 @@ func testIstiodOutage(t *testing.T, e *env, a *app) {
 	t.Logf("istiod-lite (pids %v) stopped", pids)
 	for time.Since(start) < 60*time.Second {
 		for _, u := range []string{"http://" + hostPort(a.echo1.Status.PodIP, 8080) + "/outage", "http://" + hostPort(a.vip, 80) + "/outage"} {
-			if code, _, err := cli.get(e.ctx, u, 5*time.Second); err != nil || code != 200 {
+			if code, _, err := cli.Get(e.Ctx, u, 5*time.Second); err != nil || code != 200 {
 				t.Errorf("%v into the outage, new connection %s: %d %v", time.Since(start).Round(time.Second), u, code, err)
 			}
 		}
 		time.Sleep(5 * time.Second)
 	}
-	if err := (echoConn{held}).roundTrip("after the outage"); err != nil {
+	if err := (meshharness.EchoConn{Conn: held}).RoundTrip("after the outage"); err != nil {
 		t.Errorf("connection held through the outage: %v", err)
 	}
 	resume()
 	t.Log("istiod-lite resumed")
 	for _, x := range ids {
 		var now string
-		e.eventually(t, 90*time.Second, fmt.Sprintf("node %d to rotate %s", x.node, x.id), func() bool {
+		e.Eventually(t, 90*time.Second, fmt.Sprintf("node %d to rotate %s", x.node, x.id), func() bool {
 			now = e.serials(t, x.node)[x.id]
 			return now != "" && now != before[x.node][x.id]
 		})
 		t.Logf("node %d rotated %s: serial %s -> %s", x.node, x.id, before[x.node][x.id], now)
 	}
-	if code, _, err := cli.get(e.ctx, "http://"+hostPort(a.echo1.Status.PodIP, 8080)+"/rotated", 5*time.Second); err != nil || code != 200 {
+	if code, _, err := cli.Get(e.Ctx, "http://"+hostPort(a.echo1.Status.PodIP, 8080)+"/rotated", 5*time.Second); err != nil || code != 200 {
 		t.Errorf("after rotation: %d %v", code, err)
 	}
 }
@@ -917,7 +838,7 @@ func testIstiodOutage(t *testing.T, e *env, a *app) {
 // meshCA reads istiod-lite's CA (the sandbox's own) to mint test peers.
 func (e *env) meshCA(t *testing.T) (*x509.Certificate, any) {
 	t.Helper()
-	s, err := e.sb.Client().CoreV1().Secrets(systemNS).Get(e.ctx, "istio-ca-secret", metav1.GetOptions{})
+	s, err := e.Sandbox.Client().CoreV1().Secrets(systemNS).Get(e.Ctx, "istio-ca-secret", metav1.GetOptions{})
 	if err != nil {
 		t.Fatalf("istiod-lite's CA secret: %v", err)
 	}
@@ -957,7 +878,7 @@ func testBadInput(t *testing.T, e *env, a *app) {
 	served := func(what string) {
 		t.Helper()
 		start := time.Now()
-		if code, _, err := cli.get(e.ctx, "http://"+hostPort(a.echo1.Status.PodIP, 8080)+"/meanwhile", 3*time.Second); err != nil || code != 200 {
+		if code, _, err := cli.Get(e.Ctx, "http://"+hostPort(a.echo1.Status.PodIP, 8080)+"/meanwhile", 3*time.Second); err != nil || code != 200 {
 			t.Errorf("client to echo-1 %s: %d %v", what, code, err)
 		} else if d := time.Since(start); d > 2*time.Second {
 			t.Errorf("client to echo-1 %s took %v", what, d)
@@ -974,7 +895,7 @@ func testBadInput(t *testing.T, e *env, a *app) {
 	}
 	handshake := func(cert *tls.Certificate) error {
 		d := &tls.Dialer{Config: tlsConf(cert), NetDialer: &net.Dialer{Timeout: 5 * time.Second}}
-		c, err := d.DialContext(e.ctx, "tcp", hbone)
+		c, err := d.DialContext(e.Ctx, "tcp", hbone)
 		if err != nil {
 			return err
 		}
@@ -995,14 +916,14 @@ func testBadInput(t *testing.T, e *env, a *app) {
 		served("after the refused handshakes")
 	})
 	t.Run("MalformedCONNECTAndUnknownTargets", func(t *testing.T) {
-		good := mint(t, ca, caKey, spiffe(appNS, "client"))
+		good := mint(t, ca, caKey, meshharness.Spiffe(appNS, "client"))
 		tr := &http2.Transport{DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
 			d := &tls.Dialer{Config: tlsConf(&good)}
 			return d.DialContext(ctx, network, hbone)
 		}}
 		defer tr.CloseIdleConnections()
 		do := func(method, authority string) int {
-			ctx, cancel := context.WithTimeout(e.ctx, 10*time.Second)
+			ctx, cancel := context.WithTimeout(e.Ctx, 10*time.Second)
 			defer cancel()
 			req := &http.Request{Method: method, URL: &url.URL{Scheme: "https", Host: authority, Path: "/"}, Host: authority,
 				Header: http.Header{}, Body: http.NoBody}
@@ -1063,7 +984,7 @@ func testBadInput(t *testing.T, e *env, a *app) {
 		served("after the abandoned handshakes")
 	})
 	// ztunnel on node-1 never restarted.
-	for _, p := range e.ztunnelPods(t) {
+	for _, p := range e.ZtunnelPods(t) {
 		for _, cs := range p.Status.ContainerStatuses {
 			if cs.RestartCount != 0 {
 				t.Errorf("ztunnel %s restarted %d times", p.Name, cs.RestartCount)
@@ -1074,82 +995,22 @@ func testBadInput(t *testing.T, e *env, a *app) {
 
 // deployApp creates the enrolled namespaces: in appNS echo-0 on node0,
 // echo-1 on node1 behind Service echo, a client on node0; in otherNS a
-// client "other" on node0. They are removed when the test ends, before
-// the mesh.
+// client "other" on node0 and echo-q on node1. They are removed when the
+// test ends, before the mesh.
 func (e *env) deployApp(t *testing.T, node0, node1 string) {
 	t.Helper()
-	cs := e.sb.Client()
-	for _, ns := range []string{appNS, otherNS} {
-		t.Cleanup(func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-			defer cancel()
-			if err := cs.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
-				t.Errorf("delete namespace %s: %v", ns, err)
-			}
-			err := sandbox.WaitFor(ctx, 80*time.Second, "namespace "+ns+" gone", func(ctx context.Context) (bool, error) {
-				_, err := cs.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{})
-				return apierrors.IsNotFound(err), nil
-			})
-			if err != nil {
-				t.Error(err)
-			}
-		})
-	}
-	yaml := fmt.Sprintf(`
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: %[1]s
-  labels: {istio.io/dataplane-mode: ambient}
----
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: %[2]s
-  labels: {istio.io/dataplane-mode: ambient}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: echo, namespace: %[1]s}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: client, namespace: %[1]s}
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: %[1]s}
-spec:
-  selector: {app: echo}
-  ports:
-  - {name: http, port: 80, targetPort: 8080}
-  - {name: tcp, port: 9090, targetPort: 9090}
-`, appNS, otherNS)
-	if _, err := e.sb.Apply(e.ctx, yaml); err != nil {
-		t.Fatalf("deploy the sample app: %v", err)
-	}
-	e.eventually(t, 30*time.Second, "default ServiceAccounts", func() bool {
-		_, err := cs.CoreV1().ServiceAccounts(otherNS).Get(e.ctx, "default", metav1.GetOptions{})
-		return err == nil
-	})
-	pods := ""
-	for _, p := range []string{
-		echoPod(appNS, "echo-0", node0, "echo", "echo"),
-		echoPod(appNS, "echo-1", node1, "echo", "echo"),
-		echoPod(appNS, "client", node0, "client", "client"),
-		echoPod(otherNS, "other", node0, "default", "other"),
+	e.Deploy(t, []string{
+		meshharness.Namespace(appNS, true),
+		meshharness.Namespace(otherNS, true),
+		meshharness.ServiceAccount(appNS, "echo"),
+		meshharness.ServiceAccount(appNS, "client"),
+		meshharness.EchoService(appNS, "echo"),
+	}, []string{
+		meshharness.EchoPod(appNS, "echo-0", node0, "echo", "echo"),
+		meshharness.EchoPod(appNS, "echo-1", node1, "echo", "echo"),
+		meshharness.EchoPod(appNS, "client", node0, "client", "client"),
+		meshharness.EchoPod(otherNS, "other", node0, "default", "other"),
 		// Untouched until the auto-mode test: no remembered transport.
-		echoPod(otherNS, "echo-q", node1, "default", "echoq"),
-	} {
-		pods += "---" + p
-	}
-	if _, err := e.sb.Apply(e.ctx, pods); err != nil {
-		t.Fatalf("deploy the sample app's pods: %v", err)
-	}
-	if _, err := e.sb.WaitPodsRunning(e.ctx, appNS, "", 3, 90*time.Second); err != nil {
-		t.Fatalf("enrolled pods: %v\n%s\n%s", err, e.podLogs(systemNS, "app=istio-cni-node"), e.podLogs(systemNS, "app=ztunnel"))
-	}
-	if _, err := e.sb.WaitPodsRunning(e.ctx, otherNS, "", 2, 90*time.Second); err != nil {
-		t.Fatalf("other pods: %v", err)
-	}
+		meshharness.EchoPod(otherNS, "echo-q", node1, "default", "echoq"),
+	})
 }
