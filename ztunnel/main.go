@@ -13,10 +13,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/meshlite/meshlite/internal/caclient"
 	"github.com/meshlite/meshlite/internal/kube"
 	"github.com/meshlite/meshlite/ztunnel/admin"
 	"github.com/meshlite/meshlite/ztunnel/app"
-	"github.com/meshlite/meshlite/ztunnel/certs"
 	"github.com/meshlite/meshlite/ztunnel/dns"
 	"github.com/meshlite/meshlite/ztunnel/inpod"
 	"github.com/meshlite/meshlite/ztunnel/proxy"
@@ -29,8 +29,8 @@ func main() {
 	flag.StringVar(&cfg.XDSServerName, "xds-server-name", "", "name istiod-lite's certificate must hold (default: the host of --xds-address)")
 	flag.StringVar(&cfg.CAAddress, "ca-address", "", "istiod-lite CA address (default: --xds-address)")
 	flag.StringVar(&cfg.CAServerName, "ca-server-name", "", "name the CA's certificate must hold (default: --xds-server-name when --ca-address is unset, else the host of --ca-address)")
-	flag.StringVar(&cfg.RootCert, "root-cert", certs.DefaultRootCertPath, "mesh root certificate (istio-ca-root-cert ConfigMap, key root-cert.pem)")
-	flag.StringVar(&cfg.TokenPath, "token-path", certs.DefaultTokenPath, "projected service-account token with audience "+kube.TokenAudience)
+	flag.StringVar(&cfg.RootCert, "root-cert", caclient.DefaultRootCertPath, "mesh root certificate (istio-ca-root-cert ConfigMap, key root-cert.pem)")
+	flag.StringVar(&cfg.TokenPath, "token-path", caclient.DefaultTokenPath, "projected service-account token with audience "+kube.TokenAudience)
 	flag.StringVar(&cfg.ZDSSocket, "zds-socket", inpod.DefaultSocket, "the CNI agent's ZDS socket")
 	flag.StringVar(&tunnel, "tunnel", "h2", "HBONE transport for outbound tunnels: h2, quic or auto")
 	flag.StringVar(&cfg.NodeName, "node-name", os.Getenv("NODE_NAME"), "node this ztunnel serves")

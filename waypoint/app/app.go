@@ -28,6 +28,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	"github.com/meshlite/meshlite/internal/caclient"
 	"github.com/meshlite/meshlite/internal/hbone"
 	"github.com/meshlite/meshlite/internal/identity"
 	"github.com/meshlite/meshlite/internal/xds"
@@ -86,7 +87,7 @@ func (c *Config) check() error {
 		return fmt.Errorf("waypoint config: missing %v", missing)
 	}
 	if c.XDSServerName == "" {
-		c.XDSServerName = cert.ServerName(c.XDSAddress)
+		c.XDSServerName = caclient.ServerName(c.XDSAddress)
 	}
 	// The CA is istiod-lite's xDS server unless told otherwise; when it
 	// is the same server (unset, or the same address, as istiod-lite's
@@ -100,7 +101,7 @@ func (c *Config) check() error {
 		c.CAServerName = c.XDSServerName
 	}
 	if c.CAServerName == "" {
-		c.CAServerName = cert.ServerName(c.CAAddress)
+		c.CAServerName = caclient.ServerName(c.CAAddress)
 	}
 	if c.Log == nil {
 		c.Log = slog.New(slog.DiscardHandler)
@@ -113,7 +114,7 @@ type App struct {
 	cfg      Config
 	log      *slog.Logger
 	registry *prometheus.Registry
-	roots    *cert.Roots
+	roots    *caclient.Roots
 	certs    *cert.Manager
 	store    *config.Store
 	xds      *xds.Client
@@ -150,11 +151,11 @@ func New(cfg Config) (*App, error) {
 		return nil, err
 	}
 	part := func(name string) *slog.Logger { return cfg.Log.With("part", name) }
-	if a.roots, err = cert.LoadRoots(cfg.RootCert, td, part("roots")); err != nil {
+	if a.roots, err = caclient.LoadRoots(cfg.RootCert, td, part("roots")); err != nil {
 		return nil, err
 	}
-	token := cert.TokenFile(cfg.TokenPath)
-	if a.certs, err = cert.New(cert.Config{ID: id, CAAddress: cfg.CAAddress, TLS: cert.ControlPlaneTLS(a.roots, cfg.CAServerName),
+	token := caclient.TokenFile(cfg.TokenPath)
+	if a.certs, err = cert.New(cert.Config{ID: id, CAAddress: cfg.CAAddress, TLS: caclient.ControlPlaneTLS(a.roots, cfg.CAServerName),
 		Token: token, ClusterID: cfg.ClusterID, Bundle: a.roots.Bundle(), TTL: cfg.CertTTL, Log: part("cert")}); err != nil {
 		return nil, err
 	}
@@ -167,7 +168,7 @@ func New(cfg Config) (*App, error) {
 		return nil, err
 	}
 	if a.xds, err = xds.NewClient(xds.ClientConfig{
-		Target: cfg.XDSAddress, TLS: cert.ControlPlaneTLS(a.roots, cfg.XDSServerName), Token: token,
+		Target: cfg.XDSAddress, TLS: caclient.ControlPlaneTLS(a.roots, cfg.XDSServerName), Token: token,
 		Node:          &corev3.Node{Id: cfg.NodeID(), Cluster: cfg.ClusterID, Metadata: meta},
 		Subscriptions: []xds.Subscription{{TypeURL: l7.TypeURL}, {TypeURL: xds.TypeAddress}},
 		Handler:       a.store, Log: part("xds"),

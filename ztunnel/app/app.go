@@ -28,6 +28,7 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	"github.com/meshlite/meshlite/internal/caclient"
 	"github.com/meshlite/meshlite/internal/identity"
 	"github.com/meshlite/meshlite/internal/xds"
 	"github.com/meshlite/meshlite/ztunnel/admin"
@@ -116,7 +117,7 @@ func (c *Config) check() error {
 // IP (no cluster DNS) would check the CA's certificate for that IP.
 func (c *Config) defaults() {
 	if c.XDSServerName == "" {
-		c.XDSServerName = certs.ServerName(c.XDSAddress)
+		c.XDSServerName = caclient.ServerName(c.XDSAddress)
 	}
 	if c.CAAddress == "" {
 		c.CAAddress = c.XDSAddress
@@ -125,7 +126,7 @@ func (c *Config) defaults() {
 		}
 	}
 	if c.CAServerName == "" {
-		c.CAServerName = certs.ServerName(c.CAAddress)
+		c.CAServerName = caclient.ServerName(c.CAAddress)
 	}
 	if c.CertWait <= 0 {
 		c.CertWait = 4 * time.Second
@@ -143,8 +144,8 @@ type App struct {
 	cfg      Config
 	log      *slog.Logger
 	registry *prometheus.Registry
-	roots    *certs.Roots
-	ca       *certs.CAClient
+	roots    *caclient.Roots
+	ca       *caclient.Client
 	certs    *certs.Manager
 	store    *state.Store
 	ondemand *onDemand
@@ -190,11 +191,11 @@ func New(cfg Config) (*App, error) {
 		}
 	}()
 
-	if a.roots, err = certs.LoadRoots(cfg.RootCert, td, part("roots")); err != nil {
+	if a.roots, err = caclient.LoadRoots(cfg.RootCert, td, part("roots")); err != nil {
 		return nil, err
 	}
-	token := certs.TokenFile(cfg.TokenPath)
-	if a.ca, err = certs.NewCAClient(certs.CAConfig{Address: cfg.CAAddress, TLS: certs.ControlPlaneTLS(a.roots, cfg.CAServerName),
+	token := caclient.TokenFile(cfg.TokenPath)
+	if a.ca, err = caclient.New(caclient.Config{Address: cfg.CAAddress, TLS: caclient.ControlPlaneTLS(a.roots, cfg.CAServerName),
 		Token: token, ClusterID: cfg.ClusterID}); err != nil {
 		return nil, err
 	}
@@ -212,7 +213,7 @@ func New(cfg Config) (*App, error) {
 		return nil, fmt.Errorf("xDS node metadata: %w", err)
 	}
 	if a.xds, err = xds.NewClient(xds.ClientConfig{
-		Target: cfg.XDSAddress, TLS: certs.ControlPlaneTLS(a.roots, cfg.XDSServerName), Token: token,
+		Target: cfg.XDSAddress, TLS: caclient.ControlPlaneTLS(a.roots, cfg.XDSServerName), Token: token,
 		Node:          &corev3.Node{Id: cfg.NodeID(), Cluster: cfg.ClusterID, Metadata: meta},
 		Subscriptions: []xds.Subscription{{TypeURL: xds.TypeAddress}, {TypeURL: xds.TypeAuthorization}},
 		Handler:       a.ondemand, Log: part("xds"),
@@ -309,7 +310,7 @@ func (a *App) Run(ctx context.Context) error {
 		name string
 		run  func(context.Context) error
 	}{
-		{"roots", func(ctx context.Context) error { return a.roots.Run(ctx, 0) }},
+		{"roots", a.roots.Run},
 		{"certs", a.certs.Run},
 		{"xds", a.xds.Run},
 		{"proxy", func(ctx context.Context) error { <-ctx.Done(); return a.proxy.Close() }},

@@ -2,15 +2,7 @@ package certs
 
 import (
 	"context"
-	"crypto/rand"
-	"crypto/tls"
-	"crypto/x509"
-	"encoding/pem"
 	"errors"
-	"math/big"
-	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -18,99 +10,48 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
-	"github.com/meshlite/meshlite/internal/identity"
-	pb "github.com/meshlite/meshlite/proto/ca"
+	"github.com/meshlite/meshlite/internal/caclient"
+	"github.com/meshlite/meshlite/internal/caclient/caclienttest"
 )
 
 var td = spiffeid.RequireTrustDomainFromString("cluster.local")
 
-// testCA is a real IstioCertificateService over gRPC and TLS, with the
-// rules that matter to ztunnel: a Bearer token, the clusterid header, and
-// impersonation only for identities it was told run on the node.
+// testCA is a real CA (caclienttest) with the rules that matter to
+// ztunnel: a Bearer token, the clusterid header, and impersonation only
+// for identities it was told run on the node.
 type testCA struct {
-	pb.UnimplementedIstioCertificateServiceServer
-	t       *testing.T
-	ca      *identity.Authority
-	token   string
-	cluster string
-	cert    tls.Certificate
-	addr    string
+	*caclienttest.CA
 
 	mu      sync.Mutex
 	allowed map[string]bool
-	calls   int
-	meta    []metadata.MD
-	imps    []string
 	// ignoreImpersonation issues for the caller's own identity whatever
 	// was asked (a CA that misbehaves).
 	ignoreImpersonation bool
-	srv                 *grpc.Server
 }
 
 func newTestCA(t *testing.T, allowed ...string) *testCA {
 	t.Helper()
-	ca, err := identity.NewAuthority(td, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := &testCA{t: t, ca: ca, token: "ztunnel-token", cluster: "Kubernetes", allowed: map[string]bool{}}
+	c := &testCA{allowed: map[string]bool{}}
 	for _, a := range allowed {
 		c.allowed[a] = true
 	}
-	c.cert = servingCert(t, ca, "127.0.0.1")
-	c.start("127.0.0.1:0")
-	t.Cleanup(c.stop)
+	c.CA = caclienttest.Start(t, caclienttest.Options{TrustDomain: td, Token: "ztunnel-token", ClusterID: "Kubernetes", Policy: c.policy})
 	return c
 }
 
-// servingCert issues a TLS server certificate for host (an IP) under ca.
-func servingCert(t *testing.T, ca *identity.Authority, host string) tls.Certificate {
-	t.Helper()
-	chainPEM, keyPEM, err := ca.MarshalPEM()
-	if err != nil {
-		t.Fatal(err)
-	}
-	chain, _ := identity.ParseCertsPEM(chainPEM)
-	caKey, err := identity.ParseKeyPEM(keyPEM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, _ := identity.GenerateKey()
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(99), NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IPAddresses: []net.IP{net.ParseIP(host)}, DNSNames: []string{"istiod.istio-system.svc"}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, chain[0], key.Public(), caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
-}
-
-func (c *testCA) start(addr string) {
-	c.t.Helper()
-	lis, err := net.Listen("tcp", addr)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{c.cert}, MinVersion: tls.VersionTLS13})))
-	pb.RegisterIstioCertificateServiceServer(g, c)
+func (c *testCA) policy(call caclienttest.Call) (spiffeid.ID, error) {
 	c.mu.Lock()
-	c.srv, c.addr = g, lis.Addr().String()
-	c.mu.Unlock()
-	go g.Serve(lis)
-}
-
-func (c *testCA) stop() {
-	c.mu.Lock()
-	g := c.srv
-	c.mu.Unlock()
-	g.Stop()
+	defer c.mu.Unlock()
+	if c.ignoreImpersonation {
+		return spiffeid.RequireFromString("spiffe://cluster.local/ns/istio-system/sa/ztunnel"), nil
+	}
+	if !c.allowed[call.Impersonated] {
+		return spiffeid.ID{}, status.Errorf(codes.PermissionDenied, "no pod with identity %s runs on node %q", call.Impersonated, "node-1")
+	}
+	return spiffeid.FromString(call.Impersonated)
 }
 
 func (c *testCA) allow(id string) {
@@ -119,91 +60,22 @@ func (c *testCA) allow(id string) {
 	c.mu.Unlock()
 }
 
-func (c *testCA) callCount() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.calls
-}
-
-func (c *testCA) CreateCertificate(ctx context.Context, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
-	md, _ := metadata.FromIncomingContext(ctx)
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.calls++
-	c.meta = append(c.meta, md)
-	if got := md.Get("authorization"); len(got) != 1 || got[0] != "Bearer "+c.token {
-		return nil, status.Error(codes.Unauthenticated, "bad token")
-	}
-	if got := md.Get(HeaderClusterID); len(got) != 1 || got[0] != c.cluster {
-		return nil, status.Errorf(codes.PermissionDenied, "cluster %v is not this cluster", got)
-	}
-	imp := req.GetMetadata().GetFields()[MetaImpersonatedIdentity].GetStringValue()
-	c.imps = append(c.imps, imp)
-	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/istio-system/sa/ztunnel")
-	if !c.ignoreImpersonation {
-		if !c.allowed[imp] {
-			return nil, status.Errorf(codes.PermissionDenied, "no pod with identity %s runs on node %q", imp, "node-1")
-		}
-		id = spiffeid.RequireFromString(imp)
-	}
-	block, _ := pem.Decode([]byte(req.GetCsr()))
-	if block == nil {
-		return nil, status.Error(codes.InvalidArgument, "no CSR")
-	}
-	csr, err := x509.ParseCertificateRequest(block.Bytes)
-	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	ttl := time.Duration(req.GetValidityDuration()) * time.Second
-	if ttl == 0 {
-		ttl = time.Hour
-	}
-	certs, err := c.ca.Sign(csr, id, ttl)
-	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	resp := &pb.IstioCertificateResponse{}
-	for _, x := range append(certs, c.ca.Root()) {
-		resp.CertChain = append(resp.CertChain, string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: x.Raw})))
-	}
-	return resp, nil
-}
-
-// writeRoot writes ca's root to a file and loads it.
-func writeRoot(t *testing.T, ca *identity.Authority) (*Roots, string) {
-	t.Helper()
-	path := filepath.Join(t.TempDir(), "root-cert.pem")
-	if err := os.WriteFile(path, identity.EncodeCertsPEM([]*x509.Certificate{ca.Root()}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	r, err := LoadRoots(path, td, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r, path
-}
-
-func writeToken(t *testing.T, tok string) string {
-	t.Helper()
-	path := filepath.Join(t.TempDir(), "istio-token")
-	if err := os.WriteFile(path, []byte(tok+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return path
-}
+func (c *testCA) callCount() int { return len(c.Calls()) }
 
 type setup struct {
-	ca    *testCA
-	roots *Roots
-	m     *Manager
+	ca *testCA
+	m  *Manager
 }
 
 func newSetup(t *testing.T, ttl time.Duration, allowed ...string) *setup {
 	t.Helper()
 	ca := newTestCA(t, allowed...)
-	roots, _ := writeRoot(t, ca.ca)
-	client, err := NewCAClient(CAConfig{Address: ca.addr, TLS: ControlPlaneTLS(roots, "127.0.0.1"),
-		Token: TokenFile(writeToken(t, ca.token)), ClusterID: "Kubernetes", Timeout: 2 * time.Second})
+	roots, err := caclient.LoadRoots(ca.RootFile, td, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, err := caclient.New(caclient.Config{Address: ca.Addr, TLS: caclient.ControlPlaneTLS(roots, "127.0.0.1"),
+		Token: caclient.TokenFile(ca.TokenFile), ClusterID: "Kubernetes", Timeout: 2 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,7 +89,7 @@ func newSetup(t *testing.T, ttl time.Duration, allowed ...string) *setup {
 	done := make(chan struct{})
 	go func() { m.Run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
-	return &setup{ca: ca, roots: roots, m: m}
+	return &setup{ca: ca, m: m}
 }
 
 func ctxT(t *testing.T, d time.Duration) context.Context {
@@ -286,9 +158,10 @@ func TestManager_IssuesOneCertificatePerIdentitySharedByItsPods(t *testing.T) {
 		t.Errorf("not ready with certificates for all pods: %v", err)
 	}
 	// What the CA saw: the token, the cluster and the impersonated identity.
-	s.ca.mu.Lock()
-	imps := append([]string(nil), s.ca.imps...)
-	s.ca.mu.Unlock()
+	var imps []string
+	for _, c := range s.ca.Calls() {
+		imps = append(imps, c.Impersonated)
+	}
 	if len(imps) != 2 || !(imps[0] == sleepID && imps[1] == httpbinID) {
 		t.Errorf("impersonated identities %v", imps)
 	}
@@ -333,7 +206,7 @@ func TestManager_KeepsServingThroughCAOutage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.ca.stop()
+	s.ca.Stop()
 	// Past the renewal time the renewal fails; the old certificate stays.
 	eventually(t, 3*time.Second, "a failed renewal", func() bool {
 		st := s.m.Statuses()
@@ -354,7 +227,7 @@ func TestManager_KeepsServingThroughCAOutage(t *testing.T) {
 		t.Error("ready with an expired certificate")
 	}
 	// The CA returns: a new certificate without any help.
-	s.ca.start(s.ca.addr)
+	s.ca.Restart()
 	eventually(t, 3*time.Second, "a certificate after the CA returned", func() bool {
 		_, err := src.GetX509SVID()
 		return err == nil
@@ -412,106 +285,5 @@ func TestManager_DropsIdentityNoPodUses(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	if s.ca.callCount() != calls {
 		t.Error("still renewing an identity no pod uses")
-	}
-}
-
-func TestControlPlaneTLS_VerifiesRootAndName(t *testing.T) {
-	ca := newTestCA(t, sleepID)
-	other, _ := identity.NewAuthority(td, time.Hour)
-	right, _ := writeRoot(t, ca.ca)
-	wrong, _ := writeRoot(t, other)
-	tok := TokenFile(writeToken(t, ca.token))
-	id := spiffeid.RequireFromString(sleepID)
-	key, _ := identity.GenerateKey()
-	csr, _ := identity.NewCSR(key, id)
-	for _, tc := range []struct {
-		name   string
-		roots  *Roots
-		server string
-		ok     bool
-	}{
-		{"right root, IP name", right, "127.0.0.1", true},
-		{"right root, DNS name in the certificate", right, "istiod.istio-system.svc", true},
-		{"another root", wrong, "127.0.0.1", false},
-		{"name not in the certificate", right, "istiod.elsewhere.svc", false},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			c, err := NewCAClient(CAConfig{Address: ca.addr, TLS: ControlPlaneTLS(tc.roots, tc.server), Token: tok,
-				ClusterID: "Kubernetes", Timeout: 2 * time.Second})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			_, err = c.Sign(context.Background(), id, csr, 0)
-			if tc.ok && err != nil {
-				t.Fatalf("refused: %v", err)
-			}
-			if !tc.ok && (err == nil || !strings.Contains(err.Error(), "certificate")) {
-				t.Fatalf("accepted or unclear: %v", err)
-			}
-		})
-	}
-}
-
-func TestCAClient_SendsTokenAndCluster(t *testing.T) {
-	ca := newTestCA(t, sleepID)
-	roots, _ := writeRoot(t, ca.ca)
-	tokPath := writeToken(t, "stale")
-	c, err := NewCAClient(CAConfig{Address: ca.addr, TLS: ControlPlaneTLS(roots, "127.0.0.1"), Token: TokenFile(tokPath), ClusterID: "Kubernetes"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	id := spiffeid.RequireFromString(sleepID)
-	key, _ := identity.GenerateKey()
-	csr, _ := identity.NewCSR(key, id)
-	if _, err := c.Sign(context.Background(), id, csr, 0); err == nil || !strings.Contains(err.Error(), "Unauthenticated") {
-		t.Fatalf("stale token: %v", err)
-	}
-	// The kubelet rotates the projected token: the next call reads it.
-	if err := os.WriteFile(tokPath, []byte(ca.token), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Sign(context.Background(), id, csr, 0); err != nil {
-		t.Fatalf("rotated token: %v", err)
-	}
-	if err := os.WriteFile(tokPath, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Sign(context.Background(), id, csr, 0); err == nil || !strings.Contains(err.Error(), "empty") {
-		t.Fatalf("empty token: %v", err)
-	}
-}
-
-func TestRoots_ReloadKeepsLastGood(t *testing.T) {
-	a, _ := identity.NewAuthority(td, time.Hour)
-	b, _ := identity.NewAuthority(td, time.Hour)
-	r, path := writeRoot(t, a)
-	if !r.Bundle().HasX509Authority(a.Root()) {
-		t.Fatal("root not loaded")
-	}
-	if changed, err := r.Reload(); err != nil || changed {
-		t.Errorf("unchanged file: changed=%v err=%v", changed, err)
-	}
-	if err := os.WriteFile(path, identity.EncodeCertsPEM([]*x509.Certificate{b.Root()}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if changed, err := r.Reload(); err != nil || !changed {
-		t.Fatalf("new root: changed=%v err=%v", changed, err)
-	}
-	if r.Bundle().HasX509Authority(a.Root()) || !r.Bundle().HasX509Authority(b.Root()) {
-		t.Error("bundle not replaced")
-	}
-	if err := os.WriteFile(path, []byte("garbage"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := r.Reload(); err == nil {
-		t.Error("garbage accepted")
-	}
-	if !r.Bundle().HasX509Authority(b.Root()) {
-		t.Error("a bad file dropped the good roots")
-	}
-	if _, err := LoadRoots(filepath.Join(t.TempDir(), "missing.pem"), td, nil); err == nil {
-		t.Error("missing root file accepted")
 	}
 }

@@ -2,12 +2,9 @@ package certs
 
 import (
 	"context"
-	"crypto"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"slices"
 	"strings"
 	"sync"
@@ -18,21 +15,17 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
-	"github.com/meshlite/meshlite/internal/identity"
+	"github.com/meshlite/meshlite/internal/caclient"
 )
-
-// Signer obtains a certificate chain (leaf first) for id from a CSR.
-// CAClient is the real one.
-type Signer interface {
-	Sign(ctx context.Context, id spiffeid.ID, csrPEM []byte, ttl time.Duration) ([]*x509.Certificate, error)
-}
 
 // ErrNoCertificate is wrapped by every "no usable certificate" error.
 var ErrNoCertificate = errors.New("no certificate")
 
 // Config configures a Manager.
 type Config struct {
-	Signer Signer
+	// Signer asks the CA (a *caclient.Client); requests impersonate the
+	// pod identity.
+	Signer caclient.Signer
 	// Bundle verifies what the CA returns (the mesh roots).
 	Bundle x509bundle.Source
 	// TTL is the lifetime asked for (0: the CA's default).
@@ -369,7 +362,7 @@ func (e *entry) current() (*x509svid.SVID, error) {
 func (e *entry) run(ctx context.Context) {
 	m := e.m
 	log := m.log.With("identity", e.id.String())
-	backoff := m.cfg.MinBackoff
+	backoff := caclient.Backoff{Min: m.cfg.MinBackoff, Max: m.cfg.MaxBackoff}
 	first := true
 	for {
 		svid, err := m.fetch(ctx, e.id)
@@ -382,10 +375,7 @@ func (e *entry) run(ctx context.Context) {
 		if err != nil {
 			m.requests.WithLabelValues("error").Inc()
 			e.lastErr, e.lastErrAt = err, now
-			// Full jitter over the second half, so that many identities
-			// failing together do not retry together.
-			wait = backoff/2 + rand.N(backoff/2+1)
-			backoff = min(2*backoff, m.cfg.MaxBackoff)
+			wait = backoff.Next()
 			if e.svid != nil {
 				log.Warn("certificate renewal failed; still serving the current certificate",
 					"error", err, "expires", e.svid.Certificates[0].NotAfter, "retry_in", wait)
@@ -395,8 +385,8 @@ func (e *entry) run(ctx context.Context) {
 		} else {
 			m.requests.WithLabelValues("ok").Inc()
 			e.svid, e.lastErr = svid, nil
-			backoff = m.cfg.MinBackoff
-			wait = refreshDelay(now, svid.Certificates[0].NotAfter, m.cfg.MinRefresh)
+			backoff.Reset()
+			wait = caclient.RenewAfter(now, svid.Certificates[0].NotAfter, m.cfg.MinRefresh)
 			log.Info("certificate issued", "serial", svid.Certificates[0].SerialNumber.Text(16),
 				"expires", svid.Certificates[0].NotAfter, "renew_in", wait.Round(time.Millisecond))
 		}
@@ -424,17 +414,8 @@ func (e *entry) run(ctx context.Context) {
 	}
 }
 
-// refreshDelay is half the remaining lifetime less up to a tenth of it
-// (jitter, so identities issued together do not renew together), at least
-// minWait.
-func refreshDelay(now, notAfter time.Time, minWait time.Duration) time.Duration {
-	left := notAfter.Sub(now)
-	d := left/2 - rand.N(left/10+1)
-	return max(d, minWait)
-}
-
-// fetch makes a key and CSR, has them signed and checks the result: it
-// must chain to the mesh roots, be for id, and carry our public key.
+// fetch has the CA issue a certificate for id on behalf of its pods,
+// checked against the mesh roots (caclient.Issue).
 func (m *Manager) fetch(ctx context.Context, id spiffeid.ID) (*x509svid.SVID, error) {
 	select {
 	case m.sem <- struct{}{}:
@@ -442,30 +423,7 @@ func (m *Manager) fetch(ctx context.Context, id spiffeid.ID) (*x509svid.SVID, er
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	key, err := identity.GenerateKey()
-	if err != nil {
-		return nil, err
-	}
-	csr, err := identity.NewCSR(key, id)
-	if err != nil {
-		return nil, err
-	}
-	chain, err := m.cfg.Signer.Sign(ctx, id, csr, m.cfg.TTL)
-	if err != nil {
-		return nil, err
-	}
-	got, _, err := x509svid.Verify(chain, m.cfg.Bundle)
-	if err != nil {
-		return nil, fmt.Errorf("certificate for %s from the CA does not verify against the mesh root: %w", id, err)
-	}
-	if got != id {
-		return nil, fmt.Errorf("CA issued a certificate for %s when %s was asked for", got, id)
-	}
-	pub, ok := chain[0].PublicKey.(interface{ Equal(crypto.PublicKey) bool })
-	if !ok || !pub.Equal(key.Public()) {
-		return nil, fmt.Errorf("certificate for %s from the CA is not for the key we sent", id)
-	}
-	return &x509svid.SVID{ID: id, Certificates: chain, PrivateKey: key}, nil
+	return caclient.Issue(ctx, m.cfg.Signer, m.cfg.Bundle, caclient.Request{ID: id, Impersonate: true, TTL: m.cfg.TTL})
 }
 
 // source is an x509svid.Source for one identity.

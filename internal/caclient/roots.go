@@ -1,4 +1,4 @@
-package certs
+package caclient
 
 import (
 	"bytes"
@@ -25,9 +25,10 @@ const DefaultRootCertPath = "/var/run/secrets/istio/root-cert.pem"
 // certificates of the mesh CA). Its Bundle is live: Run re-reads the file
 // when it changes, as a mounted ConfigMap does when the root rotates.
 type Roots struct {
-	path   string
-	bundle *x509bundle.Bundle
-	log    *slog.Logger
+	path     string
+	bundle   *x509bundle.Bundle
+	log      *slog.Logger
+	interval time.Duration // how often Run re-reads the file
 
 	mu   sync.Mutex
 	raw  []byte
@@ -39,7 +40,7 @@ func LoadRoots(path string, td spiffeid.TrustDomain, log *slog.Logger) (*Roots, 
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	r := &Roots{path: path, bundle: x509bundle.New(td), log: log}
+	r := &Roots{path: path, bundle: x509bundle.New(td), log: log, interval: 10 * time.Second}
 	if _, err := r.Reload(); err != nil {
 		return nil, err
 	}
@@ -87,12 +88,9 @@ func (r *Roots) Reload() (bool, error) {
 	return true, nil
 }
 
-// Run re-reads the file every interval (10 s when 0) until ctx ends.
-func (r *Roots) Run(ctx context.Context, interval time.Duration) error {
-	if interval <= 0 {
-		interval = 10 * time.Second
-	}
-	t := time.NewTicker(interval)
+// Run re-reads the file every 10 s until ctx ends.
+func (r *Roots) Run(ctx context.Context) error {
+	t := time.NewTicker(r.interval)
 	defer t.Stop()
 	for {
 		select {
