@@ -79,10 +79,11 @@ type Config struct {
 	// DrainTimeout how long established connections then run on.
 	HandoverTimeout, DrainTimeout time.Duration
 	// CertWait bounds how long a new pod's handover waits for its first
-	// certificate (4 s, under the CNI agent's 5 s wait for the answer). A
+	// certificate (4 s, under the CNI agent's 5 s wait for the answer),
+	// and then how long each of the pod's connections waits for it. A
 	// successor that takes a pod without its certificate shares the pod's
-	// listeners with its predecessor and fails the connections it gets, as
-	// when an upgrade rolls istiod-lite at the same time.
+	// listeners with its predecessor (as when an upgrade rolls istiod-lite
+	// at the same time); its connections are late, not refused.
 	CertWait time.Duration
 	LogLevel *slog.LevelVar
 	Log      *slog.Logger
@@ -226,7 +227,8 @@ func New(cfg Config) (*App, error) {
 		return nil, err
 	}
 	if a.proxy, err = proxy.New(proxy.Config{State: a.store, Bundle: a.roots.Bundle(), TrustDomain: cfg.TrustDomain,
-		Network: cfg.Network, Tunnel: cfg.Tunnel, Metrics: metrics, DrainTimeout: cfg.DrainTimeout, Lookup: a.ondemand.Lookup, Log: part("proxy")}); err != nil {
+		Network: cfg.Network, Tunnel: cfg.Tunnel, Metrics: metrics, DrainTimeout: cfg.DrainTimeout, CertWait: cfg.CertWait,
+		Lookup: a.ondemand.Lookup, Log: part("proxy")}); err != nil {
 		return nil, err
 	}
 	var upstreams []netip.AddrPort

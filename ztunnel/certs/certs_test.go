@@ -253,8 +253,25 @@ func TestManager_RefusedImpersonationIsAClearError(t *testing.T) {
 	if err := s.m.Ready(); err == nil || !strings.Contains(err.Error(), "PermissionDenied") {
 		t.Errorf("ready: %v", err)
 	}
-	// The pod appears on the node (the CA's informer catches up): retried.
+	// A connection waiting for the certificate (WaitX509SVID) gives up
+	// when its context ends...
+	waiter := src.(interface {
+		WaitX509SVID(context.Context) (*x509svid.SVID, error)
+	})
+	if _, err := waiter.WaitX509SVID(ctxT(t, 200*time.Millisecond)); !errors.Is(err, ErrNoCertificate) {
+		t.Errorf("wait without a certificate: %v", err)
+	}
+	// ...and gets it once the pod appears on the node (the CA's informer
+	// catches up and the request is retried).
+	got := make(chan error, 1)
+	go func() {
+		_, err := waiter.WaitX509SVID(ctxT(t, 5*time.Second))
+		got <- err
+	}()
 	s.ca.allow(sleepID)
+	if err := <-got; err != nil {
+		t.Errorf("wait for a certificate once allowed: %v", err)
+	}
 	eventually(t, 3*time.Second, "a certificate once allowed", func() bool { return s.m.Ready() == nil })
 }
 

@@ -73,6 +73,7 @@ type entry struct {
 	lastErrAt   time.Time
 	nextRefresh time.Time
 	attempted   chan struct{} // closed after the first attempt
+	issued      chan struct{} // closed when the first certificate is held
 }
 
 // New returns a manager; Run drives renewals.
@@ -181,7 +182,7 @@ func (m *Manager) entryLocked(id spiffeid.ID) *entry {
 	if e := m.entries[id]; e != nil {
 		return e
 	}
-	e := &entry{id: id, m: m, pods: map[string]struct{}{}, attempted: make(chan struct{})}
+	e := &entry{id: id, m: m, pods: map[string]struct{}{}, attempted: make(chan struct{}), issued: make(chan struct{})}
 	m.entries[id] = e
 	if m.stopped {
 		return e // no certificate will come: the manager is stopping
@@ -384,6 +385,9 @@ func (e *entry) run(ctx context.Context) {
 			}
 		} else {
 			m.requests.WithLabelValues("ok").Inc()
+			if e.svid == nil {
+				close(e.issued)
+			}
 			e.svid, e.lastErr = svid, nil
 			backoff.Reset()
 			wait = caclient.RenewAfter(now, svid.Certificates[0].NotAfter, m.cfg.MinRefresh)
@@ -430,6 +434,19 @@ func (m *Manager) fetch(ctx context.Context, id spiffeid.ID) (*x509svid.SVID, er
 type source struct{ e *entry }
 
 func (s source) GetX509SVID() (*x509svid.SVID, error) { return s.e.current() }
+
+// WaitX509SVID is GetX509SVID, waiting until ctx ends for a first
+// certificate that is still on its way.
+func (s source) WaitX509SVID(ctx context.Context) (*x509svid.SVID, error) {
+	if svid, err := s.e.current(); err == nil {
+		return svid, nil
+	}
+	select {
+	case <-s.e.issued:
+	case <-ctx.Done():
+	}
+	return s.e.current()
+}
 
 type missingSource spiffeid.ID
 

@@ -112,6 +112,11 @@ func (p *Proxy) outbound(ctx context.Context, c net.Conn, uid string, log *slog.
 // connection from the pod. Tunnels name the app's own address and port in
 // Forwarded, since many tunnels share one pooled connection's source port.
 func (p *Proxy) connectUpstream(ctx context.Context, pod *Pod, src netip.AddrPort, up state.Upstream) (net.Conn, spiffeid.ID, string, error) {
+	if up.Kind == state.Direct || up.Kind == state.ViaWaypoint {
+		if _, err := p.podSVID(ctx, pod); err != nil {
+			return nil, spiffeid.ID{}, "", fmt.Errorf("source certificate: %w", err)
+		}
+	}
 	switch up.Kind {
 	case state.Direct:
 		peer, err := state.Identity(up.Workload, p.cfg.TrustDomain)

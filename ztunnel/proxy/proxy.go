@@ -114,6 +114,11 @@ type Config struct {
 	Lookup func(ctx context.Context, ip netip.Addr)
 	// LookupTimeout bounds the wait for Lookup (1 s).
 	LookupTimeout time.Duration
+	// CertWait is how long a connection waits for its pod's first
+	// certificate when the pod is served before the CA answered (a new
+	// ztunnel taking pods over while istiod-lite is slow): the connection
+	// is late rather than refused (0: refused at once).
+	CertWait time.Duration
 	// DrainTimeout is how long established connections may run on once
 	// their listener stops accepting (ztunnel stopping; 0: closed at once).
 	DrainTimeout time.Duration
@@ -310,11 +315,34 @@ func (p *Proxy) certificate(local netip.Addr) (*tls.Certificate, error) {
 	if pod == nil {
 		return nil, fmt.Errorf("%w for %s: no local pod", identity.ErrNoCertificate, local)
 	}
-	svid, err := pod.SVID.GetX509SVID()
+	// crypto/tls gives GetCertificate no context; the handshake timeout
+	// of the peer bounds it as much as CertWait does.
+	svid, err := p.podSVID(context.Background(), pod)
 	if err != nil {
 		return nil, fmt.Errorf("%w for %s: %v", identity.ErrNoCertificate, local, err)
 	}
 	return identity.TLSCertificate(svid), nil
+}
+
+// waitingSource is a certificate source that can wait for a certificate
+// still being issued (certs.Manager's).
+type waitingSource interface {
+	WaitX509SVID(ctx context.Context) (*x509svid.SVID, error)
+}
+
+// podSVID is pod's certificate, waiting up to CertWait for a first one.
+func (p *Proxy) podSVID(ctx context.Context, pod *Pod) (*x509svid.SVID, error) {
+	svid, err := pod.SVID.GetX509SVID()
+	if err == nil || p.cfg.CertWait <= 0 {
+		return svid, err
+	}
+	w, ok := pod.SVID.(waitingSource)
+	if !ok {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.CertWait)
+	defer cancel()
+	return w.WaitX509SVID(ctx)
 }
 
 // ServeHBONE serves inbound HBONE over HTTP/2 on ln (a pod's 15008 TCP

@@ -109,6 +109,12 @@ func newEnv(t *testing.T, tunnel Tunnel, serverOpts ...func(*workload.Workload))
 // newEnvQ is newEnv; serveQUIC false leaves the server's UDP port closed.
 func newEnvQ(t *testing.T, tunnel Tunnel, serveQUIC bool, serverOpts ...func(*workload.Workload)) *env {
 	t.Helper()
+	return newEnvCfg(t, tunnel, serveQUIC, nil, serverOpts...)
+}
+
+// newEnvCfg is newEnvQ with cfg editing the proxy's Config.
+func newEnvCfg(t *testing.T, tunnel Tunnel, serveQUIC bool, cfg func(*Config), serverOpts ...func(*workload.Workload)) *env {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	t.Cleanup(func() { cancel(); wg.Wait() })
@@ -163,13 +169,17 @@ func newEnvQ(t *testing.T, tunnel Tunnel, serveQUIC bool, serverOpts ...func(*wo
 	go1(func() { serveEcho(ctx, plain, e.seen) })
 
 	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	e.proxy, err = New(Config{State: e.store, Bundle: ca.Bundle(), Tunnel: tunnel, HBONEPort: e.hbonePort, Log: log,
+	pcfg := Config{State: e.store, Bundle: ca.Bundle(), Tunnel: tunnel, HBONEPort: e.hbonePort, Log: log,
 		QUICAttemptTimeout: 300 * time.Millisecond,
 		OriginalDst: func(net.Conn) (netip.AddrPort, error) {
 			e.odMu.Lock()
 			defer e.odMu.Unlock()
 			return e.origDst, nil
-		}})
+		}}
+	if cfg != nil {
+		cfg(&pcfg)
+	}
+	e.proxy, err = New(pcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -524,5 +534,77 @@ func TestOutbound_SourcePodNotYetInTheState(t *testing.T) {
 	}
 	if !strings.Contains(e.logs.String(), "src.identity="+e.ids["sleep"].String()) {
 		t.Errorf("the inbound side did not see the client pod's identity:\n%s", e.logs)
+	}
+}
+
+// lateSource is a pod's certificate source whose first certificate comes
+// when ready is closed, as the certificate manager's does while the CA is
+// slow.
+type lateSource struct {
+	svid  *x509svid.SVID
+	ready chan struct{}
+}
+
+func (s *lateSource) GetX509SVID() (*x509svid.SVID, error) {
+	select {
+	case <-s.ready:
+		return s.svid, nil
+	default:
+		return nil, errors.New("no certificate yet")
+	}
+}
+
+func (s *lateSource) WaitX509SVID(ctx context.Context) (*x509svid.SVID, error) {
+	select {
+	case <-s.ready:
+		return s.svid, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// A pod served before its certificate came (a new ztunnel taking pods
+// over while istiod-lite is slow) gets its connections late, not refused,
+// on both ends; past CertWait, or with CertWait 0, they fail closed.
+func TestCertWait_LateCertificateDelaysInsteadOfRefusing(t *testing.T) {
+	for _, side := range []string{"sleep", "httpbin"} {
+		for _, tc := range []struct {
+			name     string
+			certWait time.Duration
+			arrives  time.Duration // 0: never
+			ok       bool
+		}{
+			{"arrives within CertWait", 3 * time.Second, 300 * time.Millisecond, true},
+			{"never arrives", 500 * time.Millisecond, 0, false},
+			{"no CertWait", 0, 300 * time.Millisecond, false},
+		} {
+			t.Run(side+"/"+tc.name, func(t *testing.T) {
+				e := newEnvCfg(t, TunnelH2, false, func(c *Config) { c.CertWait = tc.certWait })
+				src := &lateSource{svid: e.svids[side], ready: make(chan struct{})}
+				e.proxy.AddPod(&Pod{UID: "Kubernetes//Pod/default/" + side, SVID: src, Net: hostNet{}})
+				if tc.arrives > 0 {
+					time.AfterFunc(tc.arrives, func() { close(src.ready) })
+				}
+				e.setOrigDst(netip.AddrPortFrom(serverIP, e.appPort))
+				start := time.Now()
+				err := roundTrip(e.outbound, clientIP)
+				took := time.Since(start)
+				if tc.ok {
+					if err != nil {
+						t.Fatalf("round trip with a certificate %v late: %v\n%s", tc.arrives, err, e.logs)
+					}
+					if took < tc.arrives {
+						t.Errorf("round trip took %v, before the certificate existed (%v)", took, tc.arrives)
+					}
+					return
+				}
+				if err == nil {
+					t.Fatalf("round trip succeeded without a certificate (CertWait %v)", tc.certWait)
+				}
+				if took > tc.certWait+2*time.Second {
+					t.Errorf("refusal took %v, CertWait is %v", took, tc.certWait)
+				}
+			})
+		}
 	}
 }
