@@ -52,7 +52,7 @@ func main() {
 	flag.StringVar(&cfg.Waypoints.Image, "waypoint-image", "meshlite/waypoint:dev", "image of the waypoint proxies deployed for istio-waypoint Gateways")
 	flag.StringVar(&cfg.Waypoints.XDSAddress, "proxy-xds-address", "", "address waypoints reach xDS and the CA at (default istiod.<namespace>.svc:15012)")
 	flag.StringVar(&cfg.Waypoints.XDSServerName, "proxy-xds-server-name", "", "DNS name waypoints verify istiod-lite's certificate for (default istiod.<namespace>.svc)")
-	flag.BoolVar(&cfg.LeaderElection, "leader-elect", false, "run the waypoint controller only on the replica holding the Lease (for more than one replica)")
+	flag.BoolVar(&cfg.LeaderElection, "leader-elect", false, "run the waypoint controller and the route status writer only on the replica holding the Lease (for more than one replica)")
 	flag.StringVar(&cfg.LeaseName, "leader-elect-lease", "istiod-lite-leader", "name of the leader-election Lease in -namespace")
 	flag.StringVar(&cfg.Identity, "leader-elect-identity", envOr("POD_NAME", hostname()), "this replica's name in the Lease")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")

@@ -37,6 +37,7 @@ import (
 	"github.com/meshlite/meshlite/istiod-lite/leader"
 	"github.com/meshlite/meshlite/istiod-lite/model"
 	"github.com/meshlite/meshlite/istiod-lite/registry"
+	"github.com/meshlite/meshlite/istiod-lite/routestatus"
 	"github.com/meshlite/meshlite/istiod-lite/waypoints"
 	"github.com/meshlite/meshlite/istiod-lite/xds"
 	"github.com/meshlite/meshlite/proto/l7"
@@ -98,6 +99,7 @@ type ControlPlane struct {
 	caService *ca.Service
 	publisher *ca.RootPublisher
 	waypoints *waypoints.Controller
+	routes    *routestatus.Writer
 	elector   *leader.Elector
 	promReg   *prometheus.Registry
 
@@ -205,6 +207,13 @@ func New(ctx context.Context, cfg Config) (*ControlPlane, error) {
 	if err != nil {
 		return nil, err
 	}
+	cp.routes, err = routestatus.New(gc, routestatus.Informers{
+		HTTPRoutes: cp.informers.HTTPRoutes, GRPCRoutes: cp.informers.GRPCRoutes, Services: cp.informers.Services,
+		Namespaces: cp.informers.Namespaces, Gateways: cp.informers.Gateways, ReferenceGrants: cp.informers.ReferenceGrants,
+	}, cfg.Mesh, log.With("part", "route-status"))
+	if err != nil {
+		return nil, err
+	}
 	if cfg.LeaderElection {
 		if cfg.LeaseName == "" {
 			cfg.LeaseName = "istiod-lite-leader"
@@ -266,20 +275,32 @@ func (cp *ControlPlane) XDS() *xds.Server { return cp.xds }
 // Leading reports whether this replica runs the leader's parts now.
 func (cp *ControlPlane) Leading() bool { return cp.elector == nil || cp.elector.Leading() }
 
-// lead runs the leader's parts until ctx ends; a part that fails is
-// restarted after a pause, as leadership is not given up for it.
+// lead runs the leader's parts (the waypoint controller and the route
+// status writer) until ctx ends; a part that fails is restarted after a
+// pause, as leadership is not given up for it.
 func (cp *ControlPlane) lead(ctx context.Context) {
-	for ctx.Err() == nil {
-		err := cp.waypoints.Run(ctx)
-		if ctx.Err() != nil {
-			return
-		}
-		cp.log.Error("waypoint controller stopped; restarting it", "err", err)
-		select {
-		case <-ctx.Done():
-		case <-time.After(time.Second):
-		}
+	var wg sync.WaitGroup
+	for _, p := range []struct {
+		name string
+		run  func(context.Context) error
+	}{{"waypoint controller", cp.waypoints.Run}, {"route status writer", cp.routes.Run}} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				err := p.run(ctx)
+				if ctx.Err() != nil {
+					return
+				}
+				cp.log.Error("leader part stopped; restarting it", "part", p.name, "err", err)
+				select {
+				case <-ctx.Done():
+				case <-time.After(time.Second):
+				}
+			}
+		}()
 	}
+	wg.Wait()
 }
 
 // Run serves until ctx ends, then stops the parts in reverse order.
@@ -316,7 +337,8 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	goRun("xds-push", cp.xds.Run)
 	goRun("serving-cert", cp.serving.Run)
 	goRun("root-publisher", cp.publisher.Run)
-	// The waypoint controller writes cluster state: on the leader only.
+	// The waypoint controller and the route status writer write cluster
+	// state: on the leader only.
 	if cp.elector != nil {
 		goRun("leader-election", func(ctx context.Context) error { return cp.elector.Run(ctx, cp.lead) })
 	} else {

@@ -1,6 +1,6 @@
 // Package leader elects one istiod-lite replica, through a coordination.k8s.io
 // Lease, to run the parts that write cluster state (the waypoint controller
-// and its status writes). Everything else (xDS, the CA, which signs with the
+// and its status writes, the route status writer). Everything else (xDS, the CA, which signs with the
 // shared root from its Secret) runs on every replica. It knows nothing of
 // what the leader does.
 package leader

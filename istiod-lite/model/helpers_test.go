@@ -15,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gatewayv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	policyv1alpha1 "github.com/meshlite/meshlite/istiod-lite/api/policy/v1alpha1"
 )
@@ -47,6 +48,8 @@ func world(t *testing.T, cfg Config, objs ...any) *Builder {
 			s.SetGRPCRoute(o)
 		case *policyv1alpha1.TrafficPolicy:
 			s.SetTrafficPolicy(o)
+		case *gatewayv1beta1.ReferenceGrant:
+			s.SetReferenceGrant(o)
 		default:
 			t.Fatalf("world: unsupported object %T", o)
 		}

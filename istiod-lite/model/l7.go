@@ -10,7 +10,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 
-	"github.com/meshlite/meshlite/internal/kube"
 	policyv1alpha1 "github.com/meshlite/meshlite/istiod-lite/api/policy/v1alpha1"
 	"github.com/meshlite/meshlite/proto/l7"
 )
@@ -35,10 +34,7 @@ type ServiceConfigInfo struct {
 // the root namespace, the GatewayClass istio-waypoint) and the
 // TrafficPolicies targeting it or its routes.
 func (b *Builder) ServiceConfig(svc *corev1.Service) ServiceConfigInfo {
-	if svc.Spec.Type == corev1.ServiceTypeExternalName || svc.Labels[kube.LabelGatewayManaged] == kube.ManagedMeshController {
-		return ServiceConfigInfo{}
-	}
-	wp, _ := b.waypointFor(svc.ObjectMeta, kube.WaypointForService)
+	wp, _ := ServiceWaypoint(b.cfg, b.store, svc)
 	if wp == nil {
 		return ServiceConfigInfo{}
 	}
@@ -185,7 +181,7 @@ func (b *Builder) httpRoute(rt *gatewayv1.HTTPRoute, svc *corev1.Service) (*l7.H
 			base.Filters = append(base.Filters, lf)
 		}
 		for _, br := range r.BackendRefs {
-			lb, err := b.backend(br.BackendObjectReference, br.Weight, rt.Namespace)
+			lb, err := b.backend(br.BackendObjectReference, br.Weight, "HTTPRoute", rt.Namespace)
 			if err != nil {
 				warn = append(warn, fmt.Sprintf("HTTPRoute %s/%s %s: %v", rt.Namespace, rt.Name, base.Name, err))
 				continue
@@ -308,14 +304,20 @@ func (a matchRank) before(b matchRank) bool {
 	}
 }
 
-// backend resolves a Service backendRef (other kinds are not supported).
-func (b *Builder) backend(ref gatewayv1.BackendObjectReference, weight *int32, routeNS string) (*l7.BackendRef, error) {
+// backend resolves a Service backendRef of a route of kind routeKind in
+// routeNS (other kinds are not supported). A Service of another namespace
+// is refused unless a ReferenceGrant there allows it: the rule then routes
+// none of its requests to it.
+func (b *Builder) backend(ref gatewayv1.BackendObjectReference, weight *int32, routeKind, routeNS string) (*l7.BackendRef, error) {
 	if (ref.Group != nil && *ref.Group != "" && *ref.Group != "core") || (ref.Kind != nil && *ref.Kind != "Service") {
 		return nil, fmt.Errorf("backendRef %s: only Services are supported", ref.Name)
 	}
 	ns := routeNS
 	if ref.Namespace != nil && *ref.Namespace != "" {
 		ns = string(*ref.Namespace)
+	}
+	if !BackendGranted(b.store.ReferenceGrants(ns), routeKind, routeNS, ns, string(ref.Name)) {
+		return nil, fmt.Errorf("backendRef %s/%s: not permitted, no ReferenceGrant in %s allows %ss of namespace %s", ns, ref.Name, ns, routeKind, routeNS)
 	}
 	lb := &l7.BackendRef{Hostname: b.cfg.Hostname(ns, string(ref.Name)), Namespace: ns, Name: string(ref.Name), Weight: 1}
 	if ref.Port != nil {
@@ -359,8 +361,8 @@ func pathModifier(p *gatewayv1.HTTPPathModifier) *l7.PathModifier {
 	return nil
 }
 
-func (b *Builder) mirror(m *gatewayv1.HTTPRequestMirrorFilter, routeNS string) (*l7.HTTPRouteFilter, error) {
-	be, err := b.backend(m.BackendRef, nil, routeNS)
+func (b *Builder) mirror(m *gatewayv1.HTTPRequestMirrorFilter, routeKind, routeNS string) (*l7.HTTPRouteFilter, error) {
+	be, err := b.backend(m.BackendRef, nil, routeKind, routeNS)
 	if err != nil {
 		return nil, fmt.Errorf("mirror: %w", err)
 	}
@@ -409,7 +411,7 @@ func (b *Builder) httpFilter(f gatewayv1.HTTPRouteFilter, routeNS string) (*l7.H
 		}
 		return &l7.HTTPRouteFilter{Kind: &l7.HTTPRouteFilter_RequestRedirect{RequestRedirect: rd}}, nil
 	case f.Type == gatewayv1.HTTPRouteFilterRequestMirror && f.RequestMirror != nil:
-		return b.mirror(f.RequestMirror, routeNS)
+		return b.mirror(f.RequestMirror, "HTTPRoute", routeNS)
 	}
 	return nil, fmt.Errorf("filter %s is not supported", f.Type)
 }
@@ -453,7 +455,7 @@ func (b *Builder) grpcRoute(rt *gatewayv1.GRPCRoute, svc *corev1.Service) (*l7.G
 			case f.Type == gatewayv1.GRPCRouteFilterResponseHeaderModifier && f.ResponseHeaderModifier != nil:
 				return &l7.HTTPRouteFilter{Kind: &l7.HTTPRouteFilter_ResponseHeaderModifier{ResponseHeaderModifier: headerModifier(f.ResponseHeaderModifier)}}, nil
 			case f.Type == gatewayv1.GRPCRouteFilterRequestMirror && f.RequestMirror != nil:
-				return b.mirror(f.RequestMirror, rt.Namespace)
+				return b.mirror(f.RequestMirror, "GRPCRoute", rt.Namespace)
 			}
 			return nil, fmt.Errorf("filter %s is not supported", f.Type)
 		}
@@ -466,7 +468,7 @@ func (b *Builder) grpcRoute(rt *gatewayv1.GRPCRoute, svc *corev1.Service) (*l7.G
 			lr.Filters = append(lr.Filters, lf)
 		}
 		for _, br := range r.BackendRefs {
-			lb, err := b.backend(br.BackendObjectReference, br.Weight, rt.Namespace)
+			lb, err := b.backend(br.BackendObjectReference, br.Weight, "GRPCRoute", rt.Namespace)
 			if err != nil {
 				warn = append(warn, fmt.Sprintf("GRPCRoute %s/%s %s: %v", rt.Namespace, rt.Name, lr.Name, err))
 				continue

@@ -8,6 +8,7 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/types"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gatewayv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	policyv1alpha1 "github.com/meshlite/meshlite/istiod-lite/api/policy/v1alpha1"
 )
@@ -25,6 +26,7 @@ type Store struct {
 	gateways   *nsIndex[*gatewayv1.Gateway]
 	httpRoutes *nsIndex[*gatewayv1.HTTPRoute]
 	grpcRoutes *nsIndex[*gatewayv1.GRPCRoute]
+	grants     *nsIndex[*gatewayv1beta1.ReferenceGrant]
 	traffic    *nsIndex[*policyv1alpha1.TrafficPolicy]
 	authz      *nsIndex[*AuthorizationPolicy]
 	peerAuths  *nsIndex[*PeerAuthentication]
@@ -49,6 +51,7 @@ func NewStore() *Store {
 		gateways:        newNSIndex[*gatewayv1.Gateway](),
 		httpRoutes:      newNSIndex[*gatewayv1.HTTPRoute](),
 		grpcRoutes:      newNSIndex[*gatewayv1.GRPCRoute](),
+		grants:          newNSIndex[*gatewayv1beta1.ReferenceGrant](),
 		traffic:         newNSIndex[*policyv1alpha1.TrafficPolicy](),
 		authz:           newNSIndex[*AuthorizationPolicy](),
 		peerAuths:       newNSIndex[*PeerAuthentication](),
@@ -398,6 +401,9 @@ func (s *Store) GRPCRoute(ns, name string) *gatewayv1.GRPCRoute {
 	return v
 }
 
+// GRPCRoutes lists the GRPCRoutes of ns ("" for all), sorted.
+func (s *Store) GRPCRoutes(ns string) []*gatewayv1.GRPCRoute { return s.grpcRoutes.list(ns) }
+
 // GRPCRoutesOf lists the GRPCRoutes attached to Service ns/name, sorted by
 // namespace and name.
 func (s *Store) GRPCRoutesOf(ns, name string) []*gatewayv1.GRPCRoute {
@@ -465,6 +471,17 @@ func ServiceParents(ns string, refs []gatewayv1.ParentReference) []types.Namespa
 	}
 	return out
 }
+
+// ReferenceGrants, which let routes of other namespaces use a namespace's
+// Services as backends.
+
+func (s *Store) SetReferenceGrant(o *gatewayv1beta1.ReferenceGrant) {
+	s.grants.set(o.Namespace, o.Name, o)
+}
+func (s *Store) DeleteReferenceGrant(ns, name string) { s.grants.del(ns, name) }
+
+// ReferenceGrants lists the grants of ns, sorted by name.
+func (s *Store) ReferenceGrants(ns string) []*gatewayv1beta1.ReferenceGrant { return s.grants.list(ns) }
 
 // TrafficPolicies (meshlite's resilience policy).
 

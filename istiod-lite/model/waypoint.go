@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"strings"
 
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
@@ -27,16 +28,25 @@ type Waypoint struct {
 // Key is "<namespace>/<name>".
 func (w *Waypoint) Key() string { return w.Namespace + "/" + w.Name }
 
+// WaypointSource is what waypoint binding reads: namespaces (their labels)
+// and Gateways. *Store is one; so are informer listers.
+type WaypointSource interface {
+	Namespace(name string) *corev1.Namespace
+	Gateway(ns, name string) *gatewayv1.Gateway
+}
+
 // Waypoint returns the waypoint Gateway ns/name, or nil when there is no
 // such Gateway of class istio-waypoint, or it has no address in its status
 // yet (as in Istio: a waypoint is usable once its controller has published
 // where it is).
-func (b *Builder) Waypoint(ns, name string) *Waypoint {
-	gw := b.store.Gateway(ns, name)
+func (b *Builder) Waypoint(ns, name string) *Waypoint { return waypointOf(b.cfg, b.store, ns, name) }
+
+func waypointOf(cfg Config, src WaypointSource, ns, name string) *Waypoint {
+	gw := src.Gateway(ns, name)
 	if gw == nil || string(gw.Spec.GatewayClassName) != kube.WaypointGatewayClass {
 		return nil
 	}
-	addr := b.gatewayAddress(gw)
+	addr := gatewayAddress(cfg, gw)
 	if addr == nil {
 		return nil
 	}
@@ -70,7 +80,7 @@ func (b *Builder) Waypoint(ns, name string) *Waypoint {
 	return w
 }
 
-func (b *Builder) gatewayAddress(gw *gatewayv1.Gateway) *workload.GatewayAddress {
+func gatewayAddress(cfg Config, gw *gatewayv1.Gateway) *workload.GatewayAddress {
 	for _, a := range gw.Status.Addresses {
 		if a.Type != nil && *a.Type == gatewayv1.HostnameAddressType && a.Value != "" {
 			return &workload.GatewayAddress{
@@ -89,7 +99,7 @@ func (b *Builder) gatewayAddress(gw *gatewayv1.Gateway) *workload.GatewayAddress
 			}
 			return &workload.GatewayAddress{
 				Destination: &workload.GatewayAddress_Address{Address: &workload.NetworkAddress{
-					Network: b.cfg.Network, Address: ip.AsSlice(),
+					Network: cfg.Network, Address: ip.AsSlice(),
 				}},
 				HboneMtlsPort: kube.WaypointHBONEPort,
 			}
@@ -99,7 +109,7 @@ func (b *Builder) gatewayAddress(gw *gatewayv1.Gateway) *workload.GatewayAddress
 }
 
 // allowsFrom reports whether objects of namespace ns may bind to w.
-func (b *Builder) allowsFrom(w *Waypoint, ns string) bool {
+func allowsFrom(src WaypointSource, w *Waypoint, ns string) bool {
 	switch w.from {
 	case gatewayv1.NamespacesFromAll:
 		return true
@@ -107,7 +117,7 @@ func (b *Builder) allowsFrom(w *Waypoint, ns string) bool {
 		if w.selector == nil {
 			return false
 		}
-		n := b.store.Namespace(ns)
+		n := src.Namespace(ns)
 		if n == nil {
 			return false
 		}
@@ -142,12 +152,16 @@ func useWaypoint(meta metav1.ObjectMeta, defaultNS string) (key string, none boo
 // also returns the waypoint key it looked up, found or not, so callers can
 // recompute the object when that Gateway changes.
 func (b *Builder) waypointFor(meta metav1.ObjectMeta, want string) (*Waypoint, string) {
+	return waypointFor(b.cfg, b.store, meta, want)
+}
+
+func waypointFor(cfg Config, src WaypointSource, meta metav1.ObjectMeta, want string) (*Waypoint, string) {
 	key, none := useWaypoint(meta, meta.Namespace)
 	if none {
 		return nil, ""
 	}
 	if key == "" {
-		ns := b.store.Namespace(meta.Namespace)
+		ns := src.Namespace(meta.Namespace)
 		if ns == nil {
 			return nil, ""
 		}
@@ -157,12 +171,24 @@ func (b *Builder) waypointFor(meta metav1.ObjectMeta, want string) (*Waypoint, s
 		}
 	}
 	wns, wname, _ := strings.Cut(key, "/")
-	w := b.Waypoint(wns, wname)
-	if w == nil || !b.allowsFrom(w, meta.Namespace) {
+	w := waypointOf(cfg, src, wns, wname)
+	if w == nil || !allowsFrom(src, w, meta.Namespace) {
 		return nil, key
 	}
 	if w.TrafficType != want && w.TrafficType != kube.WaypointForAll {
 		return nil, key
 	}
 	return w, key
+}
+
+// ServiceWaypoint finds the waypoint that applies svc's HTTPRoutes and
+// GRPCRoutes (the one its L7 configuration goes to), reading src: nil when
+// none does. key is the waypoint its istio.io/use-waypoint label (or its
+// namespace's) names, found or not ("" when it names none, or the Service
+// cannot have a waypoint: ExternalName Services and waypoints' own).
+func ServiceWaypoint(cfg Config, src WaypointSource, svc *corev1.Service) (wp *Waypoint, key string) {
+	if svc.Spec.Type == corev1.ServiceTypeExternalName || svc.Labels[kube.LabelGatewayManaged] == kube.ManagedMeshController {
+		return nil, ""
+	}
+	return waypointFor(cfg.WithDefaults(), src, svc.ObjectMeta, kube.WaypointForService)
 }

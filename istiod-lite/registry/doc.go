@@ -1,6 +1,7 @@
 // Package registry watches the cluster with client-go shared informers
 // (namespaces, nodes, pods, services, endpoint slices, Gateways, HTTPRoutes,
-// GRPCRoutes, AuthorizationPolicies, PeerAuthentications, TrafficPolicies),
+// GRPCRoutes, ReferenceGrants, AuthorizationPolicies, PeerAuthentications,
+// TrafficPolicies),
 // keeps the objects in a model.Store and, on every change, recomputes only the resources the change
 // can affect (a pod's Workload; the pods and services of a namespace whose
 // labels changed; the workloads a policy selects; the objects bound to a
@@ -10,8 +11,9 @@
 // A Service bound to a waypoint also has an L7 configuration
 // (meshlite.l7.ServiceConfig: its routes, L7 policies and TrafficPolicies),
 // published scoped to that waypoint's Gateway so only that waypoint gets it.
-// Routes, TrafficPolicies and targetRef'd AuthorizationPolicies recompute the
-// Services they touch; their Workload API resources recompute to unchanged
+// Routes, TrafficPolicies, targetRef'd AuthorizationPolicies and
+// ReferenceGrants (through the routes of the namespaces they let in)
+// recompute the Services they touch; their Workload API resources recompute to unchanged
 // versions and push nothing to ztunnels.
 //
 // One worker goroutine owns the Store; informer handlers only queue events,

@@ -12,6 +12,7 @@ import (
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
+	gatewayv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 	gatewayclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 	gatewayinformers "sigs.k8s.io/gateway-api/pkg/client/informers/externalversions"
 
@@ -26,6 +27,10 @@ type Informers struct {
 	// Gateways, HTTPRoutes and GRPCRoutes are gateway.networking.k8s.io/v1
 	// objects.
 	Gateways, HTTPRoutes, GRPCRoutes cache.SharedIndexInformer
+	// ReferenceGrants are gateway.networking.k8s.io/v1beta1 objects; nil
+	// when the cluster does not serve that API: no route may then use a
+	// Service of another namespace.
+	ReferenceGrants cache.SharedIndexInformer
 	// AuthorizationPolicies and PeerAuthentications deliver
 	// security.istio.io/v1 objects as unstructured.
 	AuthorizationPolicies, PeerAuthentications cache.SharedIndexInformer
@@ -65,6 +70,9 @@ func NewInformers(kc kubernetes.Interface, gc gatewayclient.Interface, dc dynami
 	if served(kc, policyv1alpha1.Resource) {
 		in.TrafficPolicies = df.ForResource(policyv1alpha1.Resource).Informer()
 	}
+	if served(kc, gatewayv1beta1.SchemeGroupVersion.WithResource("referencegrants")) {
+		in.ReferenceGrants = gf.Gateway().V1beta1().ReferenceGrants().Informer()
+	}
 	for _, inf := range in.all() {
 		if err := inf.SetTransform(trim); err != nil {
 			return nil, err
@@ -78,6 +86,9 @@ func (in *Informers) all() []cache.SharedIndexInformer {
 		in.Gateways, in.HTTPRoutes, in.GRPCRoutes, in.AuthorizationPolicies, in.PeerAuthentications}
 	if in.TrafficPolicies != nil {
 		all = append(all, in.TrafficPolicies)
+	}
+	if in.ReferenceGrants != nil {
+		all = append(all, in.ReferenceGrants)
 	}
 	return all
 }

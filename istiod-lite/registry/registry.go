@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/cache"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gatewayv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	ixds "github.com/meshlite/meshlite/internal/xds"
 	policyv1alpha1 "github.com/meshlite/meshlite/istiod-lite/api/policy/v1alpha1"
@@ -48,11 +49,12 @@ const (
 	kindPeerAuth
 	kindGRPCRoute
 	kindTraffic
+	kindGrant
 	kindSynced
 )
 
 var kindNames = [...]string{"namespace", "node", "pod", "service", "endpointslice", "gateway", "httproute", "authorizationpolicy",
-	"peerauthentication", "grpcroute", "trafficpolicy", "synced"}
+	"peerauthentication", "grpcroute", "trafficpolicy", "referencegrant", "synced"}
 
 // event is one informer notification; old or cur is nil on add or delete.
 type event struct {
@@ -119,6 +121,7 @@ func New(cfg model.Config, in *Informers, out Publisher, log *slog.Logger, reg p
 		kindNamespace: in.Namespaces, kindNode: in.Nodes, kindPod: in.Pods, kindService: in.Services,
 		kindSlice: in.EndpointSlices, kindGateway: in.Gateways, kindHTTPRoute: in.HTTPRoutes, kindAuthz: in.AuthorizationPolicies,
 		kindPeerAuth: in.PeerAuthentications, kindGRPCRoute: in.GRPCRoutes, kindTraffic: in.TrafficPolicies,
+		kindGrant: in.ReferenceGrants,
 	} {
 		k := k
 		if inf == nil {
@@ -414,6 +417,41 @@ func (r *Registry) apply(e event, d *dirty) {
 			if rt != nil {
 				for _, k := range model.ServiceParents(rt.Namespace, rt.Spec.ParentRefs) {
 					d.add(&d.services, k.Namespace, k.Name)
+				}
+			}
+		}
+	case kindGrant:
+		old, _ := e.old.(*gatewayv1beta1.ReferenceGrant)
+		cur, _ := e.cur.(*gatewayv1beta1.ReferenceGrant)
+		if cur != nil {
+			s.SetReferenceGrant(cur)
+		} else if old != nil {
+			s.DeleteReferenceGrant(old.Namespace, old.Name)
+		} else {
+			return
+		}
+		// The routes of the namespaces it lets in (before and after) may
+		// gain or lose backends: the Services they attach to recompute.
+		seen := map[string]bool{}
+		for _, g := range []*gatewayv1beta1.ReferenceGrant{old, cur} {
+			if g == nil {
+				continue
+			}
+			for _, f := range g.Spec.From {
+				ns := string(f.Namespace)
+				if seen[ns] {
+					continue
+				}
+				seen[ns] = true
+				for _, rt := range s.HTTPRoutes(ns) {
+					for _, k := range model.HTTPRouteServices(rt) {
+						d.add(&d.services, k.Namespace, k.Name)
+					}
+				}
+				for _, rt := range s.GRPCRoutes(ns) {
+					for _, k := range model.ServiceParents(rt.Namespace, rt.Spec.ParentRefs) {
+						d.add(&d.services, k.Namespace, k.Name)
+					}
 				}
 			}
 		}

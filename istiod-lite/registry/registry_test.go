@@ -10,6 +10,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gatewayv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	"github.com/meshlite/meshlite/istiod-lite/model"
 	"github.com/meshlite/meshlite/istiod-lite/xds"
@@ -218,5 +219,63 @@ func TestRegistry_HTTPRouteRecomputesItsParentServices(t *testing.T) {
 	r.process([]event{{kind: kindHTTPRoute, cur: route}})
 	if ch, _ := c.TakeChanges(); ch != nil {
 		t.Errorf("an HTTPRoute changed Workload API resources: %v", ch)
+	}
+}
+
+// A ReferenceGrant recomputes the Services that routes of the namespaces it
+// lets in attach to (their backends may change), before and after a
+// change, and nothing else.
+func TestRegistry_ReferenceGrantRecomputesServicesOfRoutesItLetsIn(t *testing.T) {
+	r, p := testRegistry()
+	svc := func(ns, name, ip string) *corev1.Service {
+		return &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+			Spec: corev1.ServiceSpec{ClusterIP: ip, Selector: map[string]string{"app": name}}}
+	}
+	kindSvc := gatewayv1.Kind("Service")
+	httpRoute := &gatewayv1.HTTPRoute{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "r"},
+		Spec: gatewayv1.HTTPRouteSpec{CommonRouteSpec: gatewayv1.CommonRouteSpec{ParentRefs: []gatewayv1.ParentReference{
+			{Kind: &kindSvc, Name: "web"}}}}}
+	grpcRoute := &gatewayv1.GRPCRoute{ObjectMeta: metav1.ObjectMeta{Namespace: "c", Name: "g"},
+		Spec: gatewayv1.GRPCRouteSpec{CommonRouteSpec: gatewayv1.CommonRouteSpec{ParentRefs: []gatewayv1.ParentReference{
+			{Kind: &kindSvc, Name: "api"}}}}}
+	r.process([]event{
+		{kind: kindService, cur: svc("a", "web", "10.96.0.1")},
+		{kind: kindService, cur: svc("c", "api", "10.96.0.2")},
+		{kind: kindService, cur: svc("b", "db", "10.96.0.3")},
+		{kind: kindHTTPRoute, cur: httpRoute},
+		{kind: kindGRPCRoute, cur: grpcRoute},
+		{kind: kindSynced, cur: true},
+	})
+	grant := func(from ...string) *gatewayv1beta1.ReferenceGrant {
+		g := &gatewayv1beta1.ReferenceGrant{ObjectMeta: metav1.ObjectMeta{Namespace: "b", Name: "g"},
+			Spec: gatewayv1beta1.ReferenceGrantSpec{To: []gatewayv1beta1.ReferenceGrantTo{{Kind: "Service"}}}}
+		for _, ns := range from {
+			g.Spec.From = append(g.Spec.From, gatewayv1beta1.ReferenceGrantFrom{Group: gatewayv1.GroupName, Kind: "HTTPRoute", Namespace: gatewayv1.Namespace(ns)})
+		}
+		return g
+	}
+	step := func(what string, e event, want ...string) {
+		t.Helper()
+		n := len(p.batches)
+		r.process([]event{e})
+		var got []string
+		for _, b := range p.batches[n:] {
+			got = append(got, b...)
+		}
+		sort.Strings(want)
+		if !equal(got, want) {
+			t.Errorf("%s: recomputed %v, want %v", what, got, want)
+		}
+	}
+	g1 := grant("a")
+	step("a grant for namespace a", event{kind: kindGrant, cur: g1}, "+a/web.a.svc.cluster.local")
+	if len(r.b.Store().ReferenceGrants("b")) != 1 {
+		t.Fatal("grant not cached")
+	}
+	g2 := grant("c")
+	step("the grant moves to namespace c", event{kind: kindGrant, old: g1, cur: g2}, "+a/web.a.svc.cluster.local", "+c/api.c.svc.cluster.local")
+	step("the grant deleted", event{kind: kindGrant, old: g2}, "+c/api.c.svc.cluster.local")
+	if len(r.b.Store().ReferenceGrants("b")) != 0 {
+		t.Error("deleted grant still cached")
 	}
 }
