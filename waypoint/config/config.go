@@ -238,10 +238,6 @@ func (s *Store) build() *Snapshot {
 		for _, err := range errs {
 			s.log.Warn("authorization policy problem", "service", name, "error", err)
 		}
-		warnUnenforced(s.log, name, sc.GetResilience())
-		for _, hr := range sc.GetHttpRoutes() {
-			warnUnenforced(s.log, name, hr.GetResilience())
-		}
 		snap.services[name] = svc
 		vips := sc.GetAddresses()
 		if len(vips) == 0 {
@@ -448,13 +444,4 @@ func (s *Snapshot) Dump() Dump {
 		}
 	}
 	return d
-}
-
-// warnUnenforced says which parts of a policy the waypoint accepts but does
-// not enforce, so nobody believes they are protected when they are not.
-func warnUnenforced(log *slog.Logger, svc string, p *l7.ResiliencePolicy) {
-	if n := p.GetCircuitBreaker().GetMaxRequestsPerConnection(); n > 1 {
-		log.Warn("maxRequestsPerConnection above 1 is not enforced (1 is: no connection reuse)", "service", svc,
-			"policy", p.GetNamespace()+"/"+p.GetName(), "value", n)
-	}
 }

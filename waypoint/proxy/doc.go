@@ -6,7 +6,8 @@
 // matching, fault injection, rate limits, filters, weighted backends,
 // circuit breaking, retries, timeouts and outlier ejection, then sends the
 // request upstream over HBONE to the chosen endpoint's ztunnel with the
-// waypoint's identity (plain TCP to endpoints without HBONE). Non-HTTP
+// waypoint's identity (plain TCP to endpoints without HBONE). WebSocket
+// upgrades are passed on and spliced after the backend's 101. Non-HTTP
 // traffic is relayed with L4 policy. Decisions come from the feature
 // packages (route, authz, ratelimit, circuit, fault, retry); this package
 // wires them in the order the handler list in http.go shows and owns all

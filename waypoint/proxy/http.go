@@ -35,7 +35,8 @@ import (
 //  7. circuit    breaker on the destination Service (503 + x-meshlite-overload)
 //  8. upstream   endpoint by round robin without ejected ones; tries with
 //                retry policy, per-try and request timeouts; outlier reports
-//  9. response   response header modifiers, body and trailers streamed back
+//  9. response   response header modifiers, body and trailers streamed back;
+//                a WebSocket upgrade answered 101 is spliced (upgrade.go)
 //
 // Metrics, the access log line and the span are written for every request.
 
@@ -63,6 +64,11 @@ type reqState struct {
 	labels telemetry.Labels
 	access telemetry.Access
 	rw     *respWriter
+	// upgrade is the protocol an HTTP/1.1 request asks to switch to and
+	// the waypoint passes on (websocket), else "".
+	upgrade string
+	// upgradedIn counts the bytes the client sent on its upgraded stream.
+	upgradedIn int64
 }
 
 func (st *reqState) flag(f string) { st.flags = append(st.flags, f) }
@@ -195,6 +201,11 @@ func (p *Proxy) serve(w *respWriter, r *http.Request, st *reqState, snap *config
 	out := r.Clone(r.Context())
 	out.RequestURI = ""
 	removeHopHeaders(out.Header)
+	if st.upgrade = upgradeType(r); st.upgrade != "" {
+		// Hop-by-hop, and asked of the next hop again (as Envoy does).
+		out.Header.Set("Connection", "Upgrade")
+		out.Header.Set("Upgrade", st.upgrade)
+	}
 	var respMods []*l7.HeaderModifier
 	var mirrors []*l7.RequestMirror
 	var rewriteHost string
@@ -291,12 +302,16 @@ func (p *Proxy) serve(w *respWriter, r *http.Request, st *reqState, snap *config
 	if replayable && body != nil {
 		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 		out.ContentLength = int64(len(body))
+		// The client's body has been read into body: the first try sends
+		// the copy too.
 		if len(body) == 0 {
 			out.Body = http.NoBody
+		} else {
+			out.Body = io.NopCloser(bytes.NewReader(body))
 		}
 	}
 	for _, m := range mirrors {
-		if replayable {
+		if replayable && st.upgrade == "" { // a handshake is not mirrored
 			p.mirror(snap, out, body, m, st)
 		}
 	}
@@ -422,12 +437,12 @@ func (p *Proxy) finish(r *http.Request, st *reqState) {
 		st.labels.Protocol = "grpc"
 	}
 	st.labels.ResponseFlags = strings.Join(st.flags, ",")
-	reqBytes := headerSize(r.Header) + max(r.ContentLength, 0)
+	reqBytes := headerSize(r.Header) + max(r.ContentLength, 0) + st.upgradedIn
 	p.cfg.Metrics.Request(&st.labels, end.Sub(st.start), reqBytes, st.rw.bytes+headerSize(st.rw.Header()))
 	a := &st.access
 	a.Method, a.Authority, a.Path, a.Protocol = r.Method, r.Host, r.URL.RequestURI(), r.Proto
 	a.Status, a.Flags, a.Duration = st.labels.ResponseCode, st.labels.ResponseFlags, end.Sub(st.start)
-	a.BytesIn, a.BytesOut = max(r.ContentLength, 0), st.rw.bytes
+	a.BytesIn, a.BytesOut = max(r.ContentLength, 0)+st.upgradedIn, st.rw.bytes
 	a.SourceAddr, a.SourcePrincipal = st.ci.srcStr, st.ci.peer
 	if st.svc != nil {
 		a.DestService = st.svc.Key

@@ -80,8 +80,11 @@ type Proxy struct {
 	transports map[transportKey]http.RoundTripper
 
 	mirrors chan struct{}
-	wg      sync.WaitGroup
-	closed  atomic.Bool
+	// stopping ends when Run stops: upgraded streams close then.
+	stopping context.Context
+	stop     context.CancelFunc
+	wg       sync.WaitGroup // mirrors and upgraded streams
+	closed   atomic.Bool
 }
 
 // New checks cfg and builds a Proxy.
@@ -134,6 +137,7 @@ func New(cfg Config) (*Proxy, error) {
 		transports: map[transportKey]http.RoundTripper{},
 		mirrors:    make(chan struct{}, 64),
 	}
+	p.stopping, p.stop = context.WithCancel(context.Background())
 	p.ln = &chanListener{conns: p.conns, done: make(chan struct{})}
 	p.h1 = &http.Server{
 		Handler:           p,
@@ -162,8 +166,8 @@ func New(cfg Config) (*Proxy, error) {
 }
 
 // Run serves the HTTP connections handed over by HandleTunnel until ctx
-// ends, then stops accepting, closes idle connections and waits for
-// mirrors.
+// ends, then stops accepting, closes idle connections and upgraded streams
+// and waits for them and for mirrors.
 func (p *Proxy) Run(ctx context.Context) error {
 	errc := make(chan error, 1)
 	go func() { errc <- p.h1.Serve(p.ln) }()
@@ -173,6 +177,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	defer cancel()
 	_ = p.h1.Shutdown(sctx)
 	<-errc
+	p.stop()
 	p.upMu.Lock()
 	for _, t := range p.transports {
 		if c, ok := t.(interface{ CloseIdleConnections() }); ok {

@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"bytes"
 	"io"
+	"maps"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -347,5 +349,121 @@ func TestWaypoint_MaxOneRequestPerConnectionOpensATunnelEach(t *testing.T) {
 	}
 	if n := ep.tunnels.Load(); n != 11 {
 		t.Errorf("with maxRequestsPerConnection 1, 10 requests used %d new tunnels, want 10", n-1)
+	}
+}
+
+func TestWaypoint_MaxRequestsPerConnectionClosesAfterN(t *testing.T) {
+	for _, h2 := range []bool{false, true} {
+		name := "http1"
+		if h2 {
+			name = "h2c"
+		}
+		t.Run(name, func(t *testing.T) {
+			m := newMesh(t)
+			m.addService("echo", vip)
+			var mu sync.Mutex
+			perConn := map[string]int{} // upstream connection (as the app sees it) -> requests
+			var wrongProto atomic.Int64
+			ep := m.addEndpoint("echo", true, func(w http.ResponseWriter, r *http.Request) {
+				if (r.ProtoMajor == 2) != h2 {
+					wrongProto.Add(1)
+				}
+				mu.Lock()
+				perConn[r.RemoteAddr]++
+				mu.Unlock()
+				if d := r.URL.Query().Get("sleep"); d != "" {
+					dur, _ := time.ParseDuration(d)
+					time.Sleep(dur)
+				}
+				io.WriteString(w, "ok")
+			})
+			m.bind("echo", &l7.ServiceConfig{Resilience: &l7.ResiliencePolicy{CircuitBreaker: &l7.CircuitBreaker{MaxRequestsPerConnection: 3}}})
+			c := m.client(h2)
+			for i := 0; i < 10; i++ {
+				if code, _, _ := get(t, c, "/"); code != 200 {
+					t.Fatalf("request %d: status %d", i, code)
+				}
+			}
+			if n := ep.tunnels.Load(); n != 4 {
+				t.Errorf("with maxRequestsPerConnection 3, 10 sequential requests used %d upstream tunnels, want 4", n)
+			}
+			mu.Lock()
+			counts := slices.Sorted(maps.Values(perConn))
+			mu.Unlock()
+			if !slices.Equal(counts, []int{1, 3, 3, 3}) {
+				t.Errorf("requests per upstream connection %v, want [1 3 3 3]", counts)
+			}
+			// The three full connections are closed; the fourth stays for reuse.
+			waitFor(t, func() bool { return m.proxy.cfg.Tunnels.Stats().Tunnels == 1 }, "the used-up upstream tunnels to close")
+
+			// Concurrent requests: no connection ever carries more than 3, and
+			// the ones in flight when a connection is used up still finish.
+			clear(perConn)
+			var wg sync.WaitGroup
+			var failed atomic.Int64
+			for g := 0; g < 6; g++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for i := 0; i < 10; i++ {
+						req, _ := http.NewRequest("GET", "http://echo"+domain+"/?sleep=5ms", nil)
+						resp, err := c.Do(req)
+						if err != nil {
+							failed.Add(1)
+							continue
+						}
+						io.Copy(io.Discard, resp.Body)
+						resp.Body.Close()
+						if resp.StatusCode != 200 {
+							failed.Add(1)
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			if n := failed.Load(); n != 0 {
+				t.Errorf("%d of 60 concurrent requests failed", n)
+			}
+			mu.Lock()
+			total := 0
+			for conn, n := range perConn {
+				total += n
+				if n > 3 {
+					t.Errorf("upstream connection %s carried %d requests, want at most 3", conn, n)
+				}
+			}
+			mu.Unlock()
+			if total != 60 {
+				t.Errorf("the app saw %d requests, want 60", total)
+			}
+			if n := wrongProto.Load(); n != 0 {
+				t.Errorf("%d requests went upstream in the wrong HTTP version", n)
+			}
+			waitFor(t, func() bool { return m.proxy.cfg.Tunnels.Stats().Tunnels <= 6 }, "the used-up upstream tunnels to close")
+		})
+	}
+}
+
+func TestWaypoint_BufferedBodyIsSentOnTheFirstTry(t *testing.T) {
+	m := newMesh(t)
+	m.addService("echo", vip)
+	m.addEndpoint("echo", true, func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		io.WriteString(w, "got:"+string(b))
+	})
+	// Retries make the waypoint keep the body for another try.
+	rule := &l7.HTTPRouteRule{BackendRefs: []*l7.BackendRef{ref("echo", 1)},
+		Retry: &l7.Retry{Attempts: 2, Codes: []uint32{503}, Backoff: durationpb.New(time.Millisecond)}}
+	m.bind("echo", &l7.ServiceConfig{HttpRoutes: []*l7.HTTPRoute{{Namespace: "default", Name: "r", Rules: []*l7.HTTPRouteRule{rule}}}})
+	for _, h2 := range []bool{false, true} {
+		resp, err := m.client(h2).Post("http://echo"+domain+"/", "text/plain", strings.NewReader("hello"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(b) != "got:hello" {
+			t.Errorf("h2=%v: POST with a retry policy answered %d %q, want the body to reach the app", h2, resp.StatusCode, b)
+		}
 	}
 }

@@ -25,17 +25,21 @@ import (
 
 // transportKey: upstream connections are pooled per original source IP,
 // because the tunnel's Forwarded header names that source for the
-// destination's policy, and per protocol.
+// destination's policy, per protocol, and per requests-per-connection limit
+// (circuitBreaker.maxRequestsPerConnection, 0: none).
 type transportKey struct {
-	src         netip.Addr
-	h2          bool
-	noKeepAlive bool
+	src    netip.Addr
+	h2     bool
+	maxReq uint32
 }
 
-const maxTransports = 1024
+const (
+	maxTransports       = 1024
+	upstreamIdleTimeout = 90 * time.Second
+)
 
-func (p *Proxy) transport(src netip.Addr, h2, noKeepAlive bool) http.RoundTripper {
-	k := transportKey{src, h2, noKeepAlive}
+func (p *Proxy) transport(src netip.Addr, h2 bool, maxReq uint32) http.RoundTripper {
+	k := transportKey{src, h2, maxReq}
 	p.upMu.Lock()
 	defer p.upMu.Unlock()
 	if t := p.transports[k]; t != nil {
@@ -53,13 +57,11 @@ func (p *Proxy) transport(src netip.Addr, h2, noKeepAlive bool) http.RoundTrippe
 		}
 	}
 	dial := func(ctx context.Context, _, addr string) (net.Conn, error) { return p.dialEndpoint(ctx, src, addr) }
-	var t http.RoundTripper
 	tr := &http.Transport{
 		DialContext:         dial,
 		MaxIdleConnsPerHost: 64,
-		IdleConnTimeout:     90 * time.Second,
+		IdleConnTimeout:     upstreamIdleTimeout,
 		DisableCompression:  true,
-		DisableKeepAlives:   noKeepAlive,
 		Protocols:           new(http.Protocols),
 	}
 	if h2 {
@@ -69,7 +71,10 @@ func (p *Proxy) transport(src netip.Addr, h2, noKeepAlive bool) http.RoundTrippe
 	} else {
 		tr.Protocols.SetHTTP1(true)
 	}
-	t = tr
+	var t http.RoundTripper = tr
+	if maxReq > 0 {
+		t = newLimitedPool(tr, h2, maxReq, upstreamIdleTimeout)
+	}
 	p.transports[k] = t
 	return t
 }
@@ -182,8 +187,12 @@ func (p *Proxy) forward(w *respWriter, in, out *http.Request, st *reqState, dest
 	}
 	h2 := in.ProtoMajor == 2
 	od := res.GetOutlierDetection()
-	noKA := res.GetCircuitBreaker().GetMaxRequestsPerConnection() == 1
-	rt := p.transport(st.ci.src.Addr(), h2, noKA)
+	var rt http.RoundTripper
+	if st.upgrade != "" {
+		rt = &upgradeTransport{p: p, src: st.ci.src.Addr()}
+	} else {
+		rt = p.transport(st.ci.src.Addr(), h2, res.GetCircuitBreaker().GetMaxRequestsPerConnection())
+	}
 	dk := dest.destKey()
 	var allKeys []string
 	if od.GetConsecutive_5Xx() > 0 {
@@ -268,6 +277,12 @@ func (p *Proxy) forward(w *respWriter, in, out *http.Request, st *reqState, dest
 				return
 			}
 			continue
+		}
+		if resp.StatusCode == http.StatusSwitchingProtocols {
+			// The upgraded stream outlives the request's timeouts.
+			tcancel()
+			p.switchProtocols(w, resp, respMods, st)
+			return
 		}
 		p.writeResponse(w, resp, respMods, st)
 		resp.Body.Close()
@@ -364,7 +379,7 @@ func (p *Proxy) mirror(snap *config.Snapshot, out *http.Request, body []byte, m 
 	req.Host = shadowHost(out.Host)
 	req.Body = io.NopCloser(strings.NewReader(string(body)))
 	req.ContentLength = int64(len(body))
-	rt := p.transport(st.ci.src.Addr(), out.ProtoMajor == 2, false)
+	rt := p.transport(st.ci.src.Addr(), out.ProtoMajor == 2, 0)
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
