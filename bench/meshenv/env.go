@@ -18,6 +18,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/meshlite/meshlite/e2e/meshharness"
 	"github.com/meshlite/meshlite/e2e/meshinstall"
 	"github.com/meshlite/meshlite/e2e/netlab"
 	"github.com/meshlite/meshlite/e2e/sandbox"
@@ -77,10 +78,8 @@ func Open(ctx context.Context, log *slog.Logger) (*Env, error) {
 		return nil, err
 	}
 	e := &Env{Repo: repo, Log: log, Tools: filepath.Join(repo, ".cache", "tools", "bin"), podIPs: map[string]string{}}
-	for _, b := range []string{"istiod-lite", "cni-agent", "mesh-cni", "ztunnel", "echo", "sandbox"} {
-		if _, err := os.Stat(filepath.Join(repo, "bin", b)); err != nil {
-			return nil, fmt.Errorf("bin/%s missing: run make build", b)
-		}
+	if err := meshharness.NeedBinaries("sandbox"); err != nil {
+		return nil, err
 	}
 	// A descriptor inherited without close-on-exec (flock(1)'s lock fd,
 	// when the bench runs under `flock lock cmd`) would pass to every
@@ -221,25 +220,10 @@ func (e *Env) StartPods(ctx context.Context) error {
 	return e.waitTraffic(ctx)
 }
 
+// podYAML is pod ns/name on node: the harness's echo pod, labelled so
+// that StartPods' selector (app=bench) finds it.
 func podYAML(ns, name, node string) string {
-	return fmt.Sprintf(`
-apiVersion: v1
-kind: Pod
-metadata:
-  name: %[2]s
-  namespace: %[1]s
-  labels: {app: bench, role: %[2]s}
-spec:
-  nodeName: %[3]s
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: echo
-    image: meshlite/echo:dev
-    args: [server, --http-ports, "8080", --tcp-ports, "9090", --grpc-ports, ""]
-    readinessProbe:
-      httpGet: {path: /ready, port: 8080}
-      periodSeconds: 1
-`, ns, name, node)
+	return meshharness.EchoPodWithLabels(ns, name, node, "default", map[string]string{"app": "bench", "role": name})
 }
 
 // PodIP is the IP of pod ns/name (after StartPods).

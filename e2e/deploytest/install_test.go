@@ -1,18 +1,12 @@
 package deploytest
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"net"
-	"net/http"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -24,11 +18,10 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	meshchart "github.com/meshlite/meshlite/deploy/helm"
+	"github.com/meshlite/meshlite/e2e/meshharness"
 	"github.com/meshlite/meshlite/e2e/meshinstall"
-	"github.com/meshlite/meshlite/e2e/netlab"
 	"github.com/meshlite/meshlite/e2e/sandbox"
 	"github.com/meshlite/meshlite/internal/kube"
-	"github.com/meshlite/meshlite/internal/nsenter"
 )
 
 const appNS = "deploytest-app"
@@ -92,17 +85,14 @@ func TestChart_InstallEnrollUpgradeUninstall(t *testing.T) {
 	if sb.Plan.Nodes < 2 {
 		t.Fatalf("the sandbox has %d nodes; this test needs 2", sb.Plan.Nodes)
 	}
-	repo, err := sandbox.RepoRoot()
-	if err != nil {
+	if err := meshharness.NeedBinaries(); err != nil {
 		t.Fatal(err)
-	}
-	for _, b := range []string{"istiod-lite", "cni-agent", "mesh-cni", "ztunnel", "echo"} {
-		if _, err := os.Stat(filepath.Join(repo, "bin", b)); err != nil {
-			t.Fatalf("bin/%s missing: run make build", b)
-		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
+	// The harness's probes of ztunnel's admin endpoint; the install is
+	// this test's own.
+	h := &meshharness.Env{Sandbox: sb, Ctx: ctx}
 	if have, err := meshinstall.Installed(ctx, sb); err != nil {
 		t.Fatal(err)
 	} else if have {
@@ -154,17 +144,17 @@ func TestChart_InstallEnrollUpgradeUninstall(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	if err := roundTrip(conn, "over the mesh"); err != nil {
+	if err := (meshharness.EchoConn{Conn: conn}).RoundTrip("over the mesh"); err != nil {
 		t.Fatal(err)
 	}
-	spiffe := func(sa string) string { return "spiffe://cluster.local/ns/" + appNS + "/sa/" + sa }
+	spiffe := func(sa string) string { return meshharness.Spiffe(appNS, sa) }
 	found := false
-	var table []map[string]any
+	var table []meshharness.ConnInfo
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline) && !found; time.Sleep(200 * time.Millisecond) {
-		table = connections(t, sb, 0)
+		table = h.Connections(t, 0)
 		for _, c := range table {
-			if c["dst"] == net.JoinHostPort(echo.Status.PodIP, "9090") && c["direction"] == "outbound" {
-				if c["security"] != "mtls" || c["src_identity"] != spiffe("client") || c["dst_identity"] != spiffe("echo") {
+			if c.Dst == net.JoinHostPort(echo.Status.PodIP, "9090") && c.Direction == "outbound" {
+				if c.Security != "mtls" || c.SrcIdentity != spiffe("client") || c.DstIdentity != spiffe("echo") {
 					t.Fatalf("client -> echo is not mTLS with the pods' identities: %v", c)
 				}
 				found = true
@@ -206,7 +196,7 @@ func TestChart_InstallEnrollUpgradeUninstall(t *testing.T) {
 			}
 			c, err := sb.Dial(ctx, appNS, "client", net.JoinHostPort(echo.Status.PodIP, "9090"))
 			if err == nil {
-				err = roundTrip(c, "during the upgrade")
+				err = meshharness.EchoConn{Conn: c}.RoundTrip("during the upgrade")
 				c.Close()
 			}
 			if err != nil {
@@ -244,14 +234,14 @@ func TestChart_InstallEnrollUpgradeUninstall(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn2.Close()
-	if err := roundTrip(conn2, "after the upgrade"); err != nil {
+	if err := (meshharness.EchoConn{Conn: conn2}).RoundTrip("after the upgrade"); err != nil {
 		t.Fatal(err)
 	}
 	found = false
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline) && !found; time.Sleep(200 * time.Millisecond) {
-		for _, c := range connections(t, sb, 0) {
-			if c["dst"] == net.JoinHostPort(echo.Status.PodIP, "9090") && c["direction"] == "outbound" &&
-				c["security"] == "mtls" && c["src_identity"] == spiffe("client") {
+		for _, c := range h.Connections(t, 0) {
+			if c.Dst == net.JoinHostPort(echo.Status.PodIP, "9090") && c.Direction == "outbound" &&
+				c.Security == "mtls" && c.SrcIdentity == spiffe("client") {
 				found = true
 			}
 		}
@@ -279,7 +269,7 @@ func TestChart_InstallEnrollUpgradeUninstall(t *testing.T) {
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(300 * time.Millisecond) {
 		var c net.Conn
 		if c, lastErr = sb.Dial(ctx, appNS, "client", net.JoinHostPort(echo.Status.PodIP, "9090")); lastErr == nil {
-			lastErr = roundTrip(c, "without the mesh")
+			lastErr = meshharness.EchoConn{Conn: c}.RoundTrip("without the mesh")
 			c.Close()
 			if lastErr == nil {
 				break
@@ -352,49 +342,6 @@ func waitRedirected(ctx context.Context, t *testing.T, sb *sandbox.Sandbox, name
 		t.Fatalf("%v (pod: %+v)", err, pod)
 	}
 	return pod
-}
-
-func roundTrip(c net.Conn, msg string) error {
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.WriteString(c, msg+"\n"); err != nil {
-		return fmt.Errorf("send: %w", err)
-	}
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		return fmt.Errorf("read the echo: %w", err)
-	}
-	if strings.TrimSuffix(line, "\n") != msg {
-		return fmt.Errorf("echoed %q, sent %q", line, msg)
-	}
-	return nil
-}
-
-// connections is node i's ztunnel connection table (its admin endpoint,
-// 127.0.0.1:15000 inside the node).
-func connections(t *testing.T, sb *sandbox.Sandbox, node int) []map[string]any {
-	t.Helper()
-	nsPath := netlab.NetnsPath(sb.Plan.NodeNetns(node))
-	tr := &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-		var c net.Conn
-		err := nsenter.DoPath(nsPath, func() error {
-			var d net.Dialer
-			var err error
-			c, err = d.DialContext(ctx, network, addr)
-			return err
-		})
-		return c, err
-	}}
-	defer tr.CloseIdleConnections()
-	resp, err := (&http.Client{Transport: tr, Timeout: 5 * time.Second}).Get("http://127.0.0.1:15000/debug/connections")
-	if err != nil {
-		t.Fatalf("ztunnel admin on node %d: %v", node, err)
-	}
-	defer resp.Body.Close()
-	var out []map[string]any
-	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-		t.Fatalf("decode the connection table of node %d: %v", node, err)
-	}
-	return out
 }
 
 // inPodRules is what pod name's network namespace holds of iptables rules

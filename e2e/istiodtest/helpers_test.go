@@ -28,6 +28,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/apimachinery/pkg/watch"
 
+	"github.com/meshlite/meshlite/e2e/meshharness"
 	"github.com/meshlite/meshlite/e2e/sandbox"
 	ixds "github.com/meshlite/meshlite/internal/xds"
 	"github.com/meshlite/meshlite/proto/security"
@@ -256,7 +257,7 @@ func runPods(t *testing.T, sb *sandbox.Sandbox, pods ...*corev1.Pod) map[string]
 			if got.Status.Phase == corev1.PodFailed || got.Status.Phase == corev1.PodSucceeded {
 				return false, fmt.Errorf("pod ended: %s %s", got.Status.Phase, got.Status.Message)
 			}
-			if got.Status.PodIP != "" && isReady(got) {
+			if got.Status.PodIP != "" && meshharness.Ready(got) {
 				out[p.Name] = got
 				return true, nil
 			}
@@ -267,15 +268,6 @@ func runPods(t *testing.T, sb *sandbox.Sandbox, pods ...*corev1.Pod) map[string]
 		}
 	}
 	return out
-}
-
-func isReady(p *corev1.Pod) bool {
-	for _, c := range p.Status.Conditions {
-		if c.Type == corev1.PodReady {
-			return c.Status == corev1.ConditionTrue
-		}
-	}
-	return false
 }
 
 // podEvents records, from a watch on a namespace, when the API first
@@ -307,7 +299,7 @@ func watchPods(t *testing.T, sb *sandbox.Sandbox, ns string) *podEvents {
 			if _, seen := pe.withIP[p.Name]; !seen && p.Status.PodIP != "" {
 				pe.withIP[p.Name] = now
 			}
-			if _, seen := pe.ready[p.Name]; !seen && isReady(p) {
+			if _, seen := pe.ready[p.Name]; !seen && meshharness.Ready(p) {
 				pe.ready[p.Name] = now
 			}
 			pe.mu.Unlock()

@@ -22,6 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 
+	"github.com/meshlite/meshlite/e2e/meshharness"
 	"github.com/meshlite/meshlite/e2e/sandbox"
 	"github.com/meshlite/meshlite/meshctl/mtls"
 )
@@ -127,67 +128,24 @@ func waitStatus(t *testing.T, kubeconfig, what string, cond func(mtls.Report, re
 
 // holdConn opens a TCP connection from pod ns/name to addr, checks the
 // echo server answers on it, and keeps it open until the test ends.
-func holdConn(t *testing.T, ctx context.Context, sb *sandbox.Sandbox, ns, name, addr string) net.Conn {
+func holdConn(t *testing.T, e *meshharness.Env, ns, name, addr string) net.Conn {
 	t.Helper()
-	c, err := sb.Dial(ctx, ns, name, addr)
-	if err != nil {
-		t.Fatalf("dial %s from %s/%s: %v", addr, ns, name, err)
-	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.WriteString(c, "hello meshctl\n"); err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, len("hello meshctl\n"))
-	if _, err := io.ReadFull(c, buf); err != nil {
+	c := e.DialEcho(t, ns, name, addr)
+	if err := c.RoundTrip("hello meshctl"); err != nil {
 		t.Fatalf("echo over %s/%s -> %s: %v", ns, name, addr, err)
 	}
 	c.SetDeadline(time.Time{})
 	return c
 }
 
-func deleteNamespaces(t *testing.T, sb *sandbox.Sandbox, names ...string) {
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-		defer cancel()
-		cs := sb.Client()
-		for _, ns := range names {
-			if err := cs.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
-				t.Errorf("delete namespace %s: %v", ns, err)
-			}
-		}
-		// Pods go while the CNI agent and ztunnel still run.
-		for _, ns := range names {
-			err := sandbox.WaitFor(ctx, 80*time.Second, "namespace "+ns+" gone", func(ctx context.Context) (bool, error) {
-				_, err := cs.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{})
-				return apierrors.IsNotFound(err), nil
-			})
-			if err != nil {
-				t.Error(err)
-			}
-		}
-	})
-}
-
 // TestMeshctl installs the mesh once and checks meshctl against it.
 func TestMeshctl(t *testing.T) {
-	sb := sandbox.Start(t)
-	if sb.Plan.Nodes < 2 {
-		t.Fatalf("the sandbox has %d nodes; these tests need 2", sb.Plan.Nodes)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
-	defer cancel()
-	repo, err := sandbox.RepoRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
+	e := meshharness.Start(t, 8*time.Minute, meshNS, plainNS, strictNS, enrollNS)
+	sb, ctx := e.Sandbox, e.Ctx
 	kc := sb.Kubeconfig()
-	start := time.Now()
-	installMesh(t, ctx, sb, repo, []string{meshNS, plainNS, strictNS, enrollNS})
-	t.Logf("mesh installed in %v", time.Since(start).Round(time.Millisecond))
 
 	node0, node1 := sb.NodeName(0), sb.NodeName(1)
-	deleteNamespaces(t, sb, meshNS, plainNS, strictNS, enrollNS, fakeNS)
+	e.DeleteNamespacesAtEnd(t, meshNS, plainNS, strictNS, enrollNS, fakeNS)
 	yaml := fmt.Sprintf(`
 apiVersion: v1
 kind: Namespace
@@ -230,14 +188,14 @@ spec:
 			t.Fatal(err)
 		}
 	}
-	pods := echoPod(meshNS, "server-0", node0, "echo", "") + "---" +
-		echoPod(meshNS, "server-1", node1, "echo", "") + "---" +
-		echoPod(meshNS, "client", node0, "client", "") + "---" +
-		echoPod(meshNS, "opted-out", node1, "default", ", istio.io/dataplane-mode: none") + "---" +
-		echoPod(plainNS, "outsider", node0, "default", "") + "---" +
-		echoPod(strictNS, "strict", node1, "default", "") + "---" +
-		echoPod(enrollNS, "joiner", node1, "default", "")
-	start = time.Now()
+	pods := meshharness.EchoPod(meshNS, "server-0", node0, "echo", "echo") + "---" +
+		meshharness.EchoPod(meshNS, "server-1", node1, "echo", "echo") + "---" +
+		meshharness.EchoPod(meshNS, "client", node0, "client", "echo") + "---" +
+		meshharness.EchoPodWithLabels(meshNS, "opted-out", node1, "default", map[string]string{"app": "echo", "istio.io/dataplane-mode": "none"}) + "---" +
+		meshharness.EchoPod(plainNS, "outsider", node0, "default", "echo") + "---" +
+		meshharness.EchoPod(strictNS, "strict", node1, "default", "echo") + "---" +
+		meshharness.EchoPod(enrollNS, "joiner", node1, "default", "echo")
+	start := time.Now()
 	if _, err := sb.Apply(ctx, pods); err != nil {
 		t.Fatal(err)
 	}
@@ -247,13 +205,7 @@ spec:
 		}
 	}
 	t.Logf("pods running in %v", time.Since(start).Round(time.Millisecond))
-	ip := func(ns, name string) string {
-		p, err := sb.Client().CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return p.Status.PodIP
-	}
+	ip := func(ns, name string) string { return e.Pod(t, ns, name).Status.PodIP }
 
 	t.Run("StatusJSONMatchesTheTruth", func(t *testing.T) {
 		// Wait until the enrolled pods are redirected and hold
@@ -327,7 +279,7 @@ spec:
 	})
 
 	t.Run("ExitsZeroWhenAllIsMTLS", func(t *testing.T) {
-		conn := holdConn(t, ctx, sb, meshNS, "client", net.JoinHostPort(ip(meshNS, "server-1"), "9090"))
+		conn := holdConn(t, e, meshNS, "client", net.JoinHostPort(ip(meshNS, "server-1"), "9090"))
 		defer conn.Close()
 		rep, r := waitStatus(t, kc, "the client's connection live as mTLS at both ends", func(rep mtls.Report, r result) bool {
 			c, s := row(rep, meshNS, "client"), row(rep, meshNS, "server-1")
@@ -341,7 +293,7 @@ spec:
 	t.Run("ExitsOneOnPlaintextIntoEnrolledNamespace", func(t *testing.T) {
 		// PERMISSIVE: ztunnel accepts plaintext from outside the mesh (its
 		// port 15006); meshctl must not.
-		conn := holdConn(t, ctx, sb, plainNS, "outsider", net.JoinHostPort(ip(meshNS, "server-0"), "9090"))
+		conn := holdConn(t, e, plainNS, "outsider", net.JoinHostPort(ip(meshNS, "server-0"), "9090"))
 		rep, r := waitStatus(t, kc, "the plaintext connection flagged", func(rep mtls.Report, r result) bool {
 			return r.code == 1
 		}, "-n", meshNS)

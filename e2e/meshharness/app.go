@@ -3,6 +3,9 @@ package meshharness
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -33,7 +36,7 @@ func (e *Env) Deploy(t testing.TB, objects, pods []string) {
 	}
 	for _, o := range objs {
 		if o.GetKind() == "Namespace" && o.GetAPIVersion() == "v1" {
-			e.deleteNamespaceAtEnd(t, o.GetName())
+			e.DeleteNamespacesAtEnd(t, o.GetName())
 		}
 	}
 	podObjs, err := manifest.Decode([]byte(podsYAML))
@@ -73,22 +76,28 @@ func (e *Env) Deploy(t testing.TB, objects, pods []string) {
 	}
 }
 
-// deleteNamespaceAtEnd deletes namespace ns when the test ends and waits
-// until it is gone.
-func (e *Env) deleteNamespaceAtEnd(t testing.TB, ns string) {
+// DeleteNamespacesAtEnd deletes the namespaces names when the test ends,
+// all at once, and waits until they are gone (90 s for them all), so that
+// their pods go while the CNI agent and ztunnel still run: call it after
+// Start, or after the mesh was installed.
+func (e *Env) DeleteNamespacesAtEnd(t testing.TB, names ...string) {
 	cs := e.Sandbox.Client()
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 		defer cancel()
-		if err := cs.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
-			t.Errorf("delete namespace %s: %v", ns, err)
+		for _, ns := range names {
+			if err := cs.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+				t.Errorf("delete namespace %s: %v", ns, err)
+			}
 		}
-		err := sandbox.WaitFor(ctx, 80*time.Second, "namespace "+ns+" gone", func(ctx context.Context) (bool, error) {
-			_, err := cs.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{})
-			return apierrors.IsNotFound(err), nil
-		})
-		if err != nil {
-			t.Error(err)
+		for _, ns := range names {
+			err := sandbox.WaitFor(ctx, 80*time.Second, "namespace "+ns+" gone", func(ctx context.Context) (bool, error) {
+				_, err := cs.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{})
+				return apierrors.IsNotFound(err), nil
+			})
+			if err != nil {
+				t.Error(err)
+			}
 		}
 	})
 }
@@ -121,33 +130,61 @@ spec:
 `, ns, name)
 }
 
-// EchoPod is a bin/echo server pinned to a node, with the downward-API env
-// it reports itself with and a readiness probe on its HTTP port (which
-// reaches an enrolled pod through the CNI's probe SNAT exemption). It
-// serves HTTP on 8080 and echoes lines on TCP 9090.
+// EchoPod is a bin/echo server pinned to a node, labelled app=app, with
+// the downward-API env it reports itself with and a readiness probe on its
+// HTTP port (which reaches an enrolled pod through the CNI's probe SNAT
+// exemption). It serves HTTP on 8080 and echoes lines on TCP 9090.
 func EchoPod(ns, name, node, sa, app string) string {
+	return EchoPodWithLabels(ns, name, node, sa, map[string]string{"app": app})
+}
+
+// EchoPodWithLabels is EchoPod with labels in place of app=<app>: for a
+// pod that opts out of the mesh (istio.io/dataplane-mode: none), or one a
+// selector other than app picks.
+func EchoPodWithLabels(ns, name, node, sa string, labels map[string]string) string {
+	l := make([]string, 0, len(labels))
+	for _, k := range slices.Sorted(maps.Keys(labels)) {
+		// Quoted: a bare yes, n or 1 is no string in YAML.
+		l = append(l, strconv.Quote(k)+": "+strconv.Quote(labels[k]))
+	}
 	return fmt.Sprintf(`
 apiVersion: v1
 kind: Pod
 metadata:
   name: %[2]s
   namespace: %[1]s
-  labels: {app: %[5]s}
+  labels: {%[5]s}
 spec:
   nodeName: %[3]s
   serviceAccountName: %[4]s
   terminationGracePeriodSeconds: 1
   containers:
-  - name: echo
-    image: meshlite/echo:dev
-    args: [server, --http-ports, "8080", --tcp-ports, "9090", --grpc-ports, ""]
-    env:
-    - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
-    - {name: POD_NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
-    - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
-    - {name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
-    readinessProbe:
+%[6]s    readinessProbe:
       httpGet: {path: /ready, port: 8080}
       periodSeconds: 1
-`, ns, name, node, sa, app)
+`, ns, name, node, sa, strings.Join(l, ", "), EchoContainer("  "))
+}
+
+// EchoContainer is the container of an echo server (bin/echo, image
+// meshlite/echo:dev) as an item of a YAML list of containers, each line
+// indented by indent: HTTP on 8080, lines echoed on TCP 9090, and the
+// downward-API env it reports itself with (pod, namespace, IP, node). The
+// caller adds the container's other fields (a readiness probe, ports)
+// after it, indented by indent and two spaces: EchoPod's spec, or a
+// Deployment's pod template.
+func EchoContainer(indent string) string {
+	var b strings.Builder
+	for _, l := range []string{
+		`- name: echo`,
+		`  image: meshlite/echo:dev`,
+		`  args: [server, --http-ports, "8080", --tcp-ports, "9090", --grpc-ports, ""]`,
+		`  env:`,
+		`  - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}`,
+		`  - {name: POD_NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}`,
+		`  - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}`,
+		`  - {name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}`,
+	} {
+		b.WriteString(indent + l + "\n")
+	}
+	return b.String()
 }

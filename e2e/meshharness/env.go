@@ -5,8 +5,10 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -14,11 +16,15 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/meshlite/meshlite/e2e/cluster"
 	"github.com/meshlite/meshlite/e2e/meshinstall"
 	"github.com/meshlite/meshlite/e2e/sandbox"
 )
 
-// Env is the sandbox with the mesh installed, as a test sees it.
+// Env is the sandbox with the mesh installed, as a test sees it. A suite
+// that installs the mesh its own way (e2e/deploytest) may make one with
+// just Sandbox and Ctx for the probes that need no more (Admin,
+// Connections, PodLogs, DialEcho, HTTPGet).
 type Env struct {
 	Sandbox *sandbox.Sandbox
 	// Ctx bounds the whole test (Start's timeout); helpers that take no
@@ -41,24 +47,46 @@ type Env struct {
 // sandbox.TestMain from its TestMain.
 func Start(t testing.TB, timeout time.Duration, captureNS ...string) *Env {
 	t.Helper()
+	return StartWith(t, Options{Timeout: timeout, CaptureNamespaces: captureNS})
+}
+
+// Options are what StartWith does beyond Start's defaults.
+type Options struct {
+	// Timeout bounds the whole test (Env.Ctx).
+	Timeout time.Duration
+	// CaptureNamespaces are the namespaces the CNI agent captures (all
+	// others are left alone).
+	CaptureNamespaces []string
+	// Binaries are programs of bin/ the suite needs beside the mesh's
+	// (see NeedBinaries): "waypoint" for a suite that deploys waypoints.
+	Binaries []string
+	// CRDs applies this tree's CRDs (Gateway API, TrafficPolicy) before
+	// the install: a sandbox brought up by an older tree lacks new ones,
+	// and istiod-lite watches them from its start. Applying is
+	// idempotent, what a fresh `sandbox up` does.
+	CRDs bool
+}
+
+// StartWith is Start with options.
+func StartWith(t testing.TB, o Options) *Env {
+	t.Helper()
 	sb := sandbox.Start(t)
 	if sb.Plan.Nodes < 2 {
 		t.Fatalf("the sandbox has %d nodes; %s needs 2", sb.Plan.Nodes, t.Name())
 	}
-	repo, err := sandbox.RepoRoot()
-	if err != nil {
+	if err := NeedBinaries(o.Binaries...); err != nil {
 		t.Fatal(err)
 	}
-	for _, b := range []string{"istiod-lite", "cni-agent", "mesh-cni", "ztunnel", "echo"} {
-		if _, err := os.Stat(filepath.Join(repo, "bin", b)); err != nil {
-			t.Fatalf("bin/%s missing: run make build", b)
-		}
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	ctx, cancel := context.WithTimeout(context.Background(), o.Timeout)
 	t.Cleanup(cancel)
 	e := &Env{Sandbox: sb, Ctx: ctx}
 	start := time.Now()
-	mesh, err := meshinstall.Install(ctx, sb, meshinstall.Options{CaptureNamespaces: captureNS, Reuse: true})
+	if o.CRDs {
+		if err := cluster.InstallCRDs(ctx, sb.RESTConfig(), slog.New(slog.DiscardHandler)); err != nil {
+			t.Fatalf("apply the CRDs: %v", err)
+		}
+	}
+	mesh, err := meshinstall.Install(ctx, sb, meshinstall.Options{CaptureNamespaces: o.CaptureNamespaces, Reuse: true})
 	if err != nil {
 		t.Fatalf("install the mesh from the chart: %v", err)
 	}
@@ -73,6 +101,27 @@ func Start(t testing.TB, timeout time.Duration, captureNS ...string) *Env {
 	e.RefreshZtunnels(t)
 	t.Logf("mesh installed in %v (istiod-lite at %s)", time.Since(start).Round(time.Millisecond), mesh.IstiodIP)
 	return e
+}
+
+// meshBinaries are the programs of bin/ the mesh installed from the chart
+// runs (the sandbox's images) and the echo sample app.
+var meshBinaries = []string{"istiod-lite", "cni-agent", "mesh-cni", "ztunnel", "echo"}
+
+// NeedBinaries returns an error naming the first program missing from the
+// checkout's bin/ among the mesh's (istiod-lite, cni-agent, mesh-cni,
+// ztunnel, echo) and extra: the sandbox runs its images from there, and
+// without `make build` a test would wait for pods that never start.
+func NeedBinaries(extra ...string) error {
+	repo, err := sandbox.RepoRoot()
+	if err != nil {
+		return err
+	}
+	for _, b := range slices.Concat(meshBinaries, extra) {
+		if _, err := os.Stat(filepath.Join(repo, "bin", b)); err != nil {
+			return fmt.Errorf("bin/%s missing: run make build", b)
+		}
+	}
+	return nil
 }
 
 // Pod returns pod ns/name as it is now.

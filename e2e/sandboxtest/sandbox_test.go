@@ -22,13 +22,15 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/meshlite/meshlite/e2e/meshharness"
 	"github.com/meshlite/meshlite/e2e/sandbox"
 )
 
 func TestMain(m *testing.M) { sandbox.TestMain(m) }
 
-// echoApp is a Deployment of bin/echo (image meshlite/echo) spread over the
-// nodes, with its Service: HTTP on 8080, raw TCP echo on 9090.
+// echoApp is a Deployment of bin/echo (image meshlite/echo, the harness's
+// echo container) spread over the nodes, with its Service: HTTP on 8080,
+// raw TCP echo on 9090.
 func echoApp(ns string, replicas int) string {
 	return fmt.Sprintf(`
 apiVersion: apps/v1
@@ -43,15 +45,7 @@ spec:
       topologySpreadConstraints:
       - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: echo}}}
       containers:
-      - name: echo
-        image: meshlite/echo:dev
-        args: [server, --http-ports, "8080", --tcp-ports, "9090", --grpc-ports, ""]
-        env:
-        - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
-        - {name: POD_NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
-        - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
-        - {name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
-        ports:
+%[3]s        ports:
         - {name: http, containerPort: 8080}
         - {name: tcp, containerPort: 9090}
         readinessProbe:
@@ -66,7 +60,7 @@ spec:
   ports:
   - {name: http, port: 80, targetPort: 8080}
   - {name: tcp, port: 9090, targetPort: 9090}
-`, ns, replicas)
+`, ns, replicas, meshharness.EchoContainer("      "))
 }
 
 // env is one test's sandbox, namespace and kubectl.

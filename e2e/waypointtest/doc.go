@@ -6,6 +6,7 @@
 // Service to it, garbage collection with the Gateway); the traffic tests
 // check what the waypoint does with the requests it is sent.
 //
-// TestMain and the mesh installation (wpInstallMesh) live in deploy_test.go
-// and are shared by every test of the package.
+// TestMain and wpStart (the mesh installed through e2e/meshharness, with
+// the waypoint binary and this tree's CRDs) live in deploy_test.go and are
+// shared by every test of the package.
 package waypointtest

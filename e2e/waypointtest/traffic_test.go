@@ -12,11 +12,9 @@ import (
 	"testing"
 	"time"
 
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/meshlite/meshlite/e2e/echo"
-	"github.com/meshlite/meshlite/e2e/sandbox"
 	"github.com/meshlite/meshlite/internal/kube"
 )
 
@@ -94,7 +92,7 @@ type trResponse struct {
 
 // get sends GET http://<vip of svc><path> from the client pod.
 func (e *trEnv) get(svc, path string, hdr ...string) trResponse {
-	ctx, cancel := context.WithTimeout(e.ctx, 10*time.Second)
+	ctx, cancel := context.WithTimeout(e.Ctx, 10*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+net.JoinHostPort(e.vips[svc], "80")+path, nil)
 	if err != nil {
@@ -118,12 +116,12 @@ func (e *trEnv) get(svc, path string, hdr ...string) trResponse {
 func (e *trEnv) waitConfig(what, svc, path string, cond func(trResponse) bool, hdr ...string) {
 	e.t.Helper()
 	var last trResponse
-	err := e.sb.WaitFor(e.ctx, 60*time.Second, what, func(context.Context) (bool, error) {
+	err := e.Sandbox.WaitFor(e.Ctx, 60*time.Second, what, func(context.Context) (bool, error) {
 		last = e.get(svc, path, hdr...)
 		return cond(last), nil
 	})
 	if err != nil {
-		e.t.Fatalf("%v (last answer: %d %v %v)\n%s", err, last.code, last.header, last.err, e.podLogs(trNS, "gateway.networking.k8s.io/gateway-name=waypoint"))
+		e.t.Fatalf("%v (last answer: %d %v %v)\n%s", err, last.code, last.header, last.err, e.PodLogs(trNS, "gateway.networking.k8s.io/gateway-name=waypoint"))
 	}
 }
 
@@ -158,21 +156,9 @@ func (e *trEnv) requestsTotal(svc string) float64 {
 func TestWaypointTraffic(t *testing.T) {
 	w := wpStart(t)
 	e := &trEnv{wpEnv: w, t: t, vips: map[string]string{}}
-	cs := e.sb.Client()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-		defer cancel()
-		if err := cs.CoreV1().Namespaces().Delete(ctx, trNS, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
-			t.Errorf("delete namespace %s: %v", trNS, err)
-		}
-		if err := sandbox.WaitFor(ctx, 80*time.Second, "namespace "+trNS+" gone", func(ctx context.Context) (bool, error) {
-			_, err := cs.CoreV1().Namespaces().Get(ctx, trNS, metav1.GetOptions{})
-			return apierrors.IsNotFound(err), nil
-		}); err != nil {
-			t.Error(err)
-		}
-	})
-	node0, node1 := e.sb.NodeName(0), e.sb.NodeName(1%e.sb.Plan.Nodes)
+	cs := e.Sandbox.Client()
+	e.DeleteNamespacesAtEnd(t, trNS)
+	node0, node1 := e.Sandbox.NodeName(0), e.Sandbox.NodeName(1%e.Sandbox.Plan.Nodes)
 	objs := fmt.Sprintf(`
 apiVersion: v1
 kind: Namespace
@@ -210,12 +196,12 @@ spec:
 		objs += "---" + trService(name, sel)
 	}
 	start := time.Now()
-	if _, err := e.sb.Apply(e.ctx, objs); err != nil {
+	if _, err := e.Sandbox.Apply(e.Ctx, objs); err != nil {
 		t.Fatal(err)
 	}
-	wps, err := e.sb.WaitPodsRunning(e.ctx, trNS, "gateway.networking.k8s.io/gateway-name=waypoint", 1, 2*time.Minute)
+	wps, err := e.Sandbox.WaitPodsRunning(e.Ctx, trNS, "gateway.networking.k8s.io/gateway-name=waypoint", 1, 2*time.Minute)
 	if err != nil {
-		t.Fatalf("waypoint not ready: %v\n%s", err, e.podLogs(trNS, "gateway.networking.k8s.io/gateway-name=waypoint"))
+		t.Fatalf("waypoint not ready: %v\n%s", err, e.PodLogs(trNS, "gateway.networking.k8s.io/gateway-name=waypoint"))
 	}
 	e.wpIP, e.wpPod = wps[0].Status.PodIP, wps[0].Name
 	for _, sel := range []string{"app=echo", "app=client", "flaky=yes"} {
@@ -223,7 +209,7 @@ spec:
 		if sel == "app=client" {
 			n = 1
 		}
-		pods, err := e.sb.WaitPodsRunning(e.ctx, trNS, sel, n, 2*time.Minute)
+		pods, err := e.Sandbox.WaitPodsRunning(e.Ctx, trNS, sel, n, 2*time.Minute)
 		if err != nil {
 			t.Fatalf("pods %s: %v", sel, err)
 		}
@@ -233,7 +219,7 @@ spec:
 			}
 		}
 	}
-	svcs, err := cs.CoreV1().Services(trNS).List(e.ctx, metav1.ListOptions{})
+	svcs, err := cs.CoreV1().Services(trNS).List(e.Ctx, metav1.ListOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -241,7 +227,7 @@ spec:
 		e.vips[s.Name] = s.Spec.ClusterIP
 	}
 	tr := &http.Transport{MaxIdleConnsPerHost: 4, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-		return e.sb.Dial(ctx, trNS, "client", addr)
+		return e.Sandbox.Dial(ctx, trNS, "client", addr)
 	}}
 	t.Cleanup(tr.CloseIdleConnections)
 	e.client = &http.Client{Transport: tr, Timeout: 10 * time.Second}
@@ -261,7 +247,7 @@ spec:
 	})
 
 	t.Run("DirectAttemptBypassingTheWaypointIsRefused", func(t *testing.T) {
-		pod, err := cs.CoreV1().Pods(trNS).Get(e.ctx, "echo-v1", metav1.GetOptions{})
+		pod, err := cs.CoreV1().Pods(trNS).Get(e.Ctx, "echo-v1", metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -277,7 +263,7 @@ spec:
 	})
 
 	t.Run("WeightedSplitAndHeaderMatch", func(t *testing.T) {
-		if _, err := e.sb.Apply(e.ctx, fmt.Sprintf(`
+		if _, err := e.Sandbox.Apply(e.Ctx, fmt.Sprintf(`
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: echo-split, namespace: %s}
@@ -331,7 +317,7 @@ spec:
 			t.Fatalf("without retries %d of 40 requests to flaky failed; its broken endpoint is not failing half of them", failed)
 		}
 		t.Logf("without retries: %d of 40 failed", failed)
-		if _, err := e.sb.Apply(e.ctx, fmt.Sprintf(`
+		if _, err := e.Sandbox.Apply(e.Ctx, fmt.Sprintf(`
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: flaky-retry, namespace: %s}
@@ -358,7 +344,7 @@ spec:
 	})
 
 	t.Run("RateLimitAnswers429AboveIt", func(t *testing.T) {
-		if _, err := e.sb.Apply(e.ctx, fmt.Sprintf(`
+		if _, err := e.Sandbox.Apply(e.Ctx, fmt.Sprintf(`
 apiVersion: policy.meshlite.io/v1alpha1
 kind: TrafficPolicy
 metadata: {name: limited, namespace: %s}
@@ -404,7 +390,7 @@ spec:
 	})
 
 	t.Run("TimeoutCutsASlowBackend", func(t *testing.T) {
-		if _, err := e.sb.Apply(e.ctx, fmt.Sprintf(`
+		if _, err := e.Sandbox.Apply(e.Ctx, fmt.Sprintf(`
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: slow-timeout, namespace: %s}
@@ -428,7 +414,7 @@ spec:
 	})
 
 	t.Run("CircuitBreakerOpensAtItsLimit", func(t *testing.T) {
-		if _, err := e.sb.Apply(e.ctx, fmt.Sprintf(`
+		if _, err := e.Sandbox.Apply(e.Ctx, fmt.Sprintf(`
 apiVersion: policy.meshlite.io/v1alpha1
 kind: TrafficPolicy
 metadata: {name: breaker, namespace: %s}
@@ -453,7 +439,7 @@ spec:
 			return append(codes, r.code), r.code == http.StatusServiceUnavailable && r.header.Get("X-Meshlite-Overload") == "circuit-open"
 		}
 		var codes []int
-		err := e.sb.WaitFor(e.ctx, 60*time.Second, "the circuit breaker at the waypoint", func(context.Context) (bool, error) {
+		err := e.Sandbox.WaitFor(e.Ctx, 60*time.Second, "the circuit breaker at the waypoint", func(context.Context) (bool, error) {
 			var flagged bool
 			codes, flagged = wave()
 			return flagged, nil
@@ -470,7 +456,7 @@ spec:
 	})
 
 	t.Run("FaultInjectionHitsItsShare", func(t *testing.T) {
-		if _, err := e.sb.Apply(e.ctx, fmt.Sprintf(`
+		if _, err := e.Sandbox.Apply(e.Ctx, fmt.Sprintf(`
 apiVersion: policy.meshlite.io/v1alpha1
 kind: TrafficPolicy
 metadata: {name: faulty, namespace: %s}
@@ -508,7 +494,7 @@ spec:
 
 	t.Run("BadInputIsRefusedAndOthersAreServed", func(t *testing.T) {
 		raw := func(req string, wait time.Duration) (string, time.Duration) {
-			c, err := e.sb.Dial(e.ctx, trNS, "client", net.JoinHostPort(e.vips["echo"], "80"))
+			c, err := e.Sandbox.Dial(e.Ctx, trNS, "client", net.JoinHostPort(e.vips["echo"], "80"))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -551,7 +537,7 @@ spec:
 	})
 
 	t.Run("L7DenyByPath", func(t *testing.T) {
-		if _, err := e.sb.Apply(e.ctx, fmt.Sprintf(`
+		if _, err := e.Sandbox.Apply(e.Ctx, fmt.Sprintf(`
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: guarded-deny-admin, namespace: %s}
@@ -568,7 +554,7 @@ spec:
 			t.Errorf("/public: %d %v", r.code, r.err)
 		}
 		var logs strings.Builder
-		_ = e.sb.Logs(e.ctx, trNS, e.wpPod, "istio-proxy", false, &logs)
+		_ = e.Sandbox.Logs(e.Ctx, trNS, e.wpPod, "istio-proxy", false, &logs)
 		if !strings.Contains(logs.String(), `"msg":"request denied"`) || !strings.Contains(logs.String(), `"policy":"`+trNS+`/guarded-deny-admin"`) ||
 			!strings.Contains(logs.String(), `"src.identity":"cluster.local/ns/`+trNS+`/sa/client"`) {
 			t.Errorf("the waypoint did not log the denial with the source identity and the policy:\n%s", tailLines(logs.String(), 20))
