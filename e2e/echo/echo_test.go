@@ -1,6 +1,7 @@
 package echo
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -123,6 +124,40 @@ func TestTCP_EchoesBytes(t *testing.T) {
 	res, out, err := run(t, ClientConfig{URL: "tcp://" + s.Addrs("tcp")[0], Body: strings.Repeat("abc", 10000), Count: 3, NewConnPerRequest: true})
 	if err != nil || len(res) != 3 || !strings.Contains(res[0].Status, "echoed 30000 bytes") {
 		t.Fatalf("%v\n%s", err, out)
+	}
+}
+
+func TestHTTP1_UpgradeAnswers101ThenEchoesBytes(t *testing.T) {
+	s := startServer(t)
+	c, err := net.Dial("tcp", s.Addrs("http")[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: echo\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\nearly"); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != "websocket" || resp.Header.Get("X-Echo-Pod") != "echo-1" {
+		t.Fatalf("answer %d %v", resp.StatusCode, resp.Header)
+	}
+	if _, err := io.WriteString(c, " and late"); err != nil {
+		t.Fatal(err)
+	}
+	c.(*net.TCPConn).CloseWrite()
+	got, err := io.ReadAll(br)
+	if err != nil || string(got) != "early and late" {
+		t.Fatalf("echoed %q, %v; want the bytes sent behind the request and after the 101, then EOF", got, err)
+	}
+	// A plain request on the same port is still answered as before.
+	res, out, err := run(t, ClientConfig{URL: "http://" + s.Addrs("http")[0] + "/"})
+	if err != nil || len(res) != 1 || res[0].Fields.Get(FieldPod) != "echo-1" {
+		t.Fatalf("plain request after an upgrade: %v\n%s", err, out)
 	}
 }
 

@@ -205,6 +205,10 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request, port int) {
 		_, _ = io.WriteString(w, "ok\n")
 		return
 	}
+	if isUpgrade(r) {
+		s.serveUpgrade(w, r)
+		return
+	}
 	q := r.URL.Query()
 	status := http.StatusOK
 	if v := q.Get("status"); v != "" {
@@ -272,6 +276,56 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request, port int) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.WriteHeader(status)
 	_, _ = io.WriteString(w, out)
+}
+
+// isUpgrade reports an HTTP/1.1 upgrade request (WebSocket's handshake).
+func isUpgrade(r *http.Request) bool {
+	if r.ProtoMajor != 1 || r.Header.Get("Upgrade") == "" {
+		return false
+	}
+	for _, v := range r.Header.Values("Connection") {
+		for _, tok := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(tok), "upgrade") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// serveUpgrade accepts any upgrade with 101 (naming the pod in
+// X-Echo-Pod) and then echoes raw bytes until the peer half-closes: what
+// a test of an upgrade through proxies needs, without WebSocket framing.
+func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request) {
+	rc := http.NewResponseController(w)
+	conn, brw, err := rc.Hijack()
+	if err != nil {
+		http.Error(w, "upgrade: "+err.Error(), http.StatusInternalServerError)
+		return
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Time{})
+	fmt.Fprintf(brw, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: %s\r\nX-Echo-Pod: %s\r\n\r\n",
+		r.Header.Get("Upgrade"), s.cfg.Identity.Pod)
+	if err := brw.Flush(); err != nil {
+		return
+	}
+	// Bytes the client sent right behind the request are in brw's reader.
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := brw.Read(buf)
+		if n > 0 {
+			if _, werr := conn.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			if tc, ok := conn.(interface{ CloseWrite() error }); ok {
+				_ = tc.CloseWrite()
+			}
+			return
+		}
+	}
 }
 
 // serveTCP echoes every byte back until the peer closes.

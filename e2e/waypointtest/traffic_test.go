@@ -129,6 +129,13 @@ func (e *trEnv) waitConfig(what, svc, path string, cond func(trResponse) bool, h
 // Service name (read from the host, which reaches pod IPs).
 func (e *trEnv) requestsTotal(svc string) float64 {
 	e.t.Helper()
+	return e.requestsWith(svc, "")
+}
+
+// requestsWith is requestsTotal for the series whose labels contain label
+// (e.g. `response_code="101"`; "" for all).
+func (e *trEnv) requestsWith(svc, label string) float64 {
+	e.t.Helper()
 	resp, err := http.Get("http://" + net.JoinHostPort(e.wpIP, "15020") + "/metrics")
 	if err != nil {
 		e.t.Fatalf("waypoint metrics: %v", err)
@@ -140,7 +147,7 @@ func (e *trEnv) requestsTotal(svc string) float64 {
 	for sc.Scan() {
 		line := sc.Text()
 		if !strings.HasPrefix(line, "istio_requests_total{") || !strings.Contains(line, `destination_service_name="`+svc+`"`) ||
-			!strings.Contains(line, `reporter="waypoint"`) {
+			!strings.Contains(line, `reporter="waypoint"`) || !strings.Contains(line, label) {
 			continue
 		}
 		v, err := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
@@ -260,6 +267,57 @@ spec:
 			t.Fatalf("a plaintext request straight to %s got %d; want the connection refused", pod.Name, resp.StatusCode)
 		}
 		t.Logf("direct request refused: %v", err)
+	})
+
+	t.Run("WebSocketUpgradePassesThrough", func(t *testing.T) {
+		// An HTTP/1.1 upgrade from the client pod to the Service VIP: the
+		// waypoint routes it, relays the backend's 101 and then carries
+		// raw bytes both ways until the client half-closes.
+		before := e.requestsWith("echo", `response_code="101"`)
+		ctx, cancel := context.WithTimeout(e.Ctx, 15*time.Second)
+		defer cancel()
+		c, err := e.Sandbox.Dial(ctx, trNS, "client", net.JoinHostPort(e.vips["echo"], "80"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(c, "GET /chat HTTP/1.1\r\nHost: echo\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+			"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("upgrade answer: %v", err)
+		}
+		if pod := resp.Header.Get("X-Echo-Pod"); resp.StatusCode != http.StatusSwitchingProtocols ||
+			!strings.EqualFold(resp.Header.Get("Upgrade"), "websocket") || (pod != "echo-v1" && pod != "echo-v2") {
+			t.Fatalf("upgrade answered %d %v; want 101 from an echo pod", resp.StatusCode, resp.Header)
+		}
+		for _, msg := range []string{"first message", "second message after the first"} {
+			if _, err := io.WriteString(c, msg); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, len(msg))
+			if _, err := io.ReadFull(br, got); err != nil || string(got) != msg {
+				t.Fatalf("over the upgraded stream: got %q, %v; want %q", got, err, msg)
+			}
+		}
+		cw, ok := c.(interface{ CloseWrite() error })
+		if !ok {
+			t.Fatalf("a %T cannot half-close", c)
+		}
+		if err := cw.CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		if rest, err := io.ReadAll(br); err != nil || len(rest) != 0 {
+			t.Fatalf("after the half-close: %q, %v; want EOF", rest, err)
+		}
+		c.Close()
+		e.Eventually(t, 10*time.Second, "the waypoint to count the upgraded stream (response_code 101)", func() bool {
+			return e.requestsWith("echo", `response_code="101"`) > before
+		})
 	})
 
 	t.Run("WeightedSplitAndHeaderMatch", func(t *testing.T) {
