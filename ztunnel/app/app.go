@@ -169,6 +169,8 @@ type App struct {
 	redirect redirection.Checker
 
 	draining atomic.Bool
+	// wasReady: Ready held once; from then on only draining unreadies.
+	wasReady atomic.Bool
 }
 
 // New builds every part; nothing runs until Run. Listeners of the admin
@@ -290,16 +292,27 @@ func (a *App) xdsSynced() bool {
 	}
 }
 
-// Ready is nil once the first xDS state arrived and every pod held has
-// its certificate.
+// Ready is nil once the first xDS state arrived and every pod then held
+// had its certificate, and stays nil until the hand-over on stop. A later
+// pod whose certificate is late does not unready the node's ztunnel: that
+// would stop its other pods' traffic in a Service's eyes, and a DaemonSet
+// rollout deletes an unready old pod before it starts the new one (the
+// certificate's state is in /config_dump).
 func (a *App) Ready() error {
 	if a.draining.Load() {
 		return errors.New("draining: handing the pods over")
 	}
+	if a.wasReady.Load() {
+		return nil
+	}
 	if !a.xdsSynced() {
 		return errors.New("waiting for the first xDS state from " + a.cfg.XDSAddress)
 	}
-	return a.certs.Ready()
+	if err := a.certs.Ready(); err != nil {
+		return err
+	}
+	a.wasReady.Store(true)
+	return nil
 }
 
 // Run starts the parts in order and, when ctx ends or one fails, stops them

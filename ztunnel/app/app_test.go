@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -611,7 +612,7 @@ func TestApp_PodToPodThroughTheWholeZtunnel(t *testing.T) {
 }
 
 func TestApp_NotReadyUntilCertificatesHeld(t *testing.T) {
-	cliNS, _ := pods(t)
+	cliNS, srvNS := pods(t)
 	const uid = "Kubernetes//Pod/default/sleep-1"
 	ist := startIstiod(t, []*workload.Workload{{Uid: uid, Name: "sleep-1", Namespace: "default", ServiceAccount: "sleep",
 		Addresses: [][]byte{netip.MustParseAddr("10.252.0.1").AsSlice()}, TunnelProtocol: workload.TunnelProtocol_HBONE}}) // allows nothing
@@ -648,6 +649,21 @@ func TestApp_NotReadyUntilCertificatesHeld(t *testing.T) {
 	ist.allowed["spiffe://cluster.local/ns/default/sa/sleep"] = true
 	ist.mu.Unlock()
 	eventually(t, 5*time.Second, "readiness once the CA allows the identity", func() bool { return a.Ready() == nil })
+
+	// Once ready, a new pod whose certificate the CA refuses does not
+	// unready the node's ztunnel (a rollout would delete it first).
+	if e := ag.send(add("4f0c2d7e-1b6a-4c1e-9d3e-0a1b2c3d4e02", "default", "refused-1", "refused"), srvNS); e != "" {
+		t.Fatalf("add refused pod: %s", e)
+	}
+	ist.mu.Lock()
+	asked := slices.Contains(ist.csrs, "spiffe://cluster.local/ns/default/sa/refused")
+	ist.mu.Unlock()
+	if !asked {
+		t.Fatal("no certificate request for the refused pod's identity: the check below proves nothing")
+	}
+	if code, body := httpGet(t, "http://"+a.Addr("ready").String()+"/healthz/ready"); code != http.StatusOK {
+		t.Errorf("readiness after a later pod's certificate was refused: %d %q, want 200", code, body)
+	}
 }
 
 func TestNew_RefusesIncompleteConfig(t *testing.T) {
