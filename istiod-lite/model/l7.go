@@ -2,12 +2,14 @@ package model
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"time"
 
 	"google.golang.org/protobuf/types/known/durationpb"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	policyv1alpha1 "github.com/meshlite/meshlite/istiod-lite/api/policy/v1alpha1"
@@ -22,8 +24,9 @@ type ServiceConfigInfo struct {
 	// WaypointKey is the Gateway ("<ns>/<name>") serving it: the only
 	// waypoint that may receive Config.
 	WaypointKey string
-	// Warnings name what was left out (unsupported filters, backends,
-	// policy fields), for the log.
+	// Warnings name what was left out (unsupported filters, policy
+	// fields) or kept but marked invalid (unresolved backendRefs), for the
+	// log.
 	Warnings []string
 }
 
@@ -181,9 +184,12 @@ func (b *Builder) httpRoute(rt *gatewayv1.HTTPRoute, svc *corev1.Service) (*l7.H
 			base.Filters = append(base.Filters, lf)
 		}
 		for _, br := range r.BackendRefs {
-			lb, err := b.backend(br.BackendObjectReference, br.Weight, "HTTPRoute", rt.Namespace)
-			if err != nil {
-				warn = append(warn, fmt.Sprintf("HTTPRoute %s/%s %s: %v", rt.Namespace, rt.Name, base.Name, err))
+			lb := b.backend(br.BackendObjectReference, br.Weight, "HTTPRoute", rt.Namespace)
+			base.BackendRefs = append(base.BackendRefs, lb)
+			if lb.Invalid != "" {
+				// Kept, so its share of the requests is answered 500; its
+				// filters never run.
+				warn = append(warn, fmt.Sprintf("HTTPRoute %s/%s %s: %s", rt.Namespace, rt.Name, base.Name, lb.Invalid))
 				continue
 			}
 			for _, f := range br.Filters {
@@ -194,7 +200,6 @@ func (b *Builder) httpRoute(rt *gatewayv1.HTTPRoute, svc *corev1.Service) (*l7.H
 				}
 				lb.Filters = append(lb.Filters, lf)
 			}
-			base.BackendRefs = append(base.BackendRefs, lb)
 		}
 		if t := r.Timeouts; t != nil {
 			if req, be := duration(t.Request), duration(t.BackendRequest); req != nil || be != nil {
@@ -304,22 +309,30 @@ func (a matchRank) before(b matchRank) bool {
 	}
 }
 
-// backend resolves a Service backendRef of a route of kind routeKind in
-// routeNS (other kinds are not supported). A Service of another namespace
-// is refused unless a ReferenceGrant there allows it: the rule then routes
-// none of its requests to it.
-func (b *Builder) backend(ref gatewayv1.BackendObjectReference, weight *int32, routeKind, routeNS string) (*l7.BackendRef, error) {
-	if (ref.Group != nil && *ref.Group != "" && *ref.Group != "core") || (ref.Kind != nil && *ref.Kind != "Service") {
-		return nil, fmt.Errorf("backendRef %s: only Services are supported", ref.Name)
-	}
+// backend translates a backendRef of a route of kind routeKind in routeNS.
+// A reference that cannot be resolved is kept with its weight and marked
+// Invalid (the reason, also what the caller logs), with no hostname:
+// Gateway API answers its share of the requests with 500 instead of giving
+// it to the other backends. Unresolved are, checked in the order
+// routestatus reports them: a kind other than Service; a Service of another
+// namespace that no ReferenceGrant there permits (checked before existence,
+// so the config does not tell whether it exists); a Service not found.
+func (b *Builder) backend(ref gatewayv1.BackendObjectReference, weight *int32, routeKind, routeNS string) *l7.BackendRef {
 	ns := routeNS
 	if ref.Namespace != nil && *ref.Namespace != "" {
 		ns = string(*ref.Namespace)
 	}
-	if !BackendGranted(b.store.ReferenceGrants(ns), routeKind, routeNS, ns, string(ref.Name)) {
-		return nil, fmt.Errorf("backendRef %s/%s: not permitted, no ReferenceGrant in %s allows %ss of namespace %s", ns, ref.Name, ns, routeKind, routeNS)
+	lb := &l7.BackendRef{Namespace: ns, Name: string(ref.Name), Weight: 1}
+	switch {
+	case (ref.Group != nil && *ref.Group != "" && *ref.Group != "core") || (ref.Kind != nil && *ref.Kind != "Service"):
+		lb.Invalid = fmt.Sprintf("backendRef %s: only Services are supported", ref.Name)
+	case !BackendGranted(b.store.ReferenceGrants(ns), routeKind, routeNS, ns, string(ref.Name)):
+		lb.Invalid = fmt.Sprintf("backendRef %s/%s: not permitted, no ReferenceGrant in %s allows %ss of namespace %s", ns, ref.Name, ns, routeKind, routeNS)
+	case b.store.Service(ns, string(ref.Name)) == nil:
+		lb.Invalid = fmt.Sprintf("backendRef %s/%s: Service not found", ns, ref.Name)
+	default:
+		lb.Hostname = b.cfg.Hostname(ns, string(ref.Name))
 	}
-	lb := &l7.BackendRef{Hostname: b.cfg.Hostname(ns, string(ref.Name)), Namespace: ns, Name: string(ref.Name), Weight: 1}
 	if ref.Port != nil {
 		lb.Port = uint32(*ref.Port)
 	}
@@ -330,7 +343,73 @@ func (b *Builder) backend(ref gatewayv1.BackendObjectReference, weight *int32, r
 			lb.Weight = uint32(*weight)
 		}
 	}
-	return lb, nil
+	return lb
+}
+
+// BackendParents lists the Services whose L7 configuration refers to
+// Service ns/name as a backend: the parents of the HTTPRoutes and
+// GRPCRoutes (of any namespace) naming it in a backendRef or a mirror.
+// When that Service is created or deleted, their backends to it turn valid
+// or invalid ("Service not found"), so their configuration is stale.
+func BackendParents(s *Store, ns, name string) []types.NamespacedName {
+	var out []types.NamespacedName
+	add := func(keys []types.NamespacedName) {
+		for _, k := range keys {
+			if !slices.Contains(out, k) {
+				out = append(out, k)
+			}
+		}
+	}
+	// The kind is not looked at: naming more parents only costs a
+	// recomputation that pushes nothing.
+	names := func(routeNS string, ref gatewayv1.BackendObjectReference) bool {
+		rns := routeNS
+		if ref.Namespace != nil && *ref.Namespace != "" {
+			rns = string(*ref.Namespace)
+		}
+		return rns == ns && string(ref.Name) == name
+	}
+	httpMirrors := func(routeNS string, fs []gatewayv1.HTTPRouteFilter) bool {
+		for _, f := range fs {
+			if f.RequestMirror != nil && names(routeNS, f.RequestMirror.BackendRef) {
+				return true
+			}
+		}
+		return false
+	}
+	grpcMirrors := func(routeNS string, fs []gatewayv1.GRPCRouteFilter) bool {
+		for _, f := range fs {
+			if f.RequestMirror != nil && names(routeNS, f.RequestMirror.BackendRef) {
+				return true
+			}
+		}
+		return false
+	}
+	for _, rt := range s.HTTPRoutes("") {
+		uses := false
+		for _, r := range rt.Spec.Rules {
+			uses = uses || httpMirrors(rt.Namespace, r.Filters)
+			for _, br := range r.BackendRefs {
+				uses = uses || names(rt.Namespace, br.BackendObjectReference) || httpMirrors(rt.Namespace, br.Filters)
+			}
+		}
+		if uses {
+			add(HTTPRouteServices(rt))
+		}
+	}
+	for _, rt := range s.GRPCRoutes("") {
+		uses := false
+		for _, r := range rt.Spec.Rules {
+			uses = uses || grpcMirrors(rt.Namespace, r.Filters)
+			for _, br := range r.BackendRefs {
+				uses = uses || names(rt.Namespace, br.BackendObjectReference) || grpcMirrors(rt.Namespace, br.Filters)
+			}
+		}
+		if uses {
+			add(ServiceParents(rt.Namespace, rt.Spec.ParentRefs))
+		}
+	}
+	return out
 }
 
 func headerModifier(f *gatewayv1.HTTPHeaderFilter) *l7.HeaderModifier {
@@ -362,9 +441,10 @@ func pathModifier(p *gatewayv1.HTTPPathModifier) *l7.PathModifier {
 }
 
 func (b *Builder) mirror(m *gatewayv1.HTTPRequestMirrorFilter, routeKind, routeNS string) (*l7.HTTPRouteFilter, error) {
-	be, err := b.backend(m.BackendRef, nil, routeKind, routeNS)
-	if err != nil {
-		return nil, fmt.Errorf("mirror: %w", err)
+	be := b.backend(m.BackendRef, nil, routeKind, routeNS)
+	if be.Invalid != "" {
+		// Nothing to mirror to: the filter is left out.
+		return nil, fmt.Errorf("mirror: %s", be.Invalid)
 	}
 	rm := &l7.RequestMirror{Backend: be}
 	switch {
@@ -468,9 +548,10 @@ func (b *Builder) grpcRoute(rt *gatewayv1.GRPCRoute, svc *corev1.Service) (*l7.G
 			lr.Filters = append(lr.Filters, lf)
 		}
 		for _, br := range r.BackendRefs {
-			lb, err := b.backend(br.BackendObjectReference, br.Weight, "GRPCRoute", rt.Namespace)
-			if err != nil {
-				warn = append(warn, fmt.Sprintf("GRPCRoute %s/%s %s: %v", rt.Namespace, rt.Name, lr.Name, err))
+			lb := b.backend(br.BackendObjectReference, br.Weight, "GRPCRoute", rt.Namespace)
+			lr.BackendRefs = append(lr.BackendRefs, lb)
+			if lb.Invalid != "" {
+				warn = append(warn, fmt.Sprintf("GRPCRoute %s/%s %s: %s", rt.Namespace, rt.Name, lr.Name, lb.Invalid))
 				continue
 			}
 			for _, f := range br.Filters {
@@ -480,7 +561,6 @@ func (b *Builder) grpcRoute(rt *gatewayv1.GRPCRoute, svc *corev1.Service) (*l7.G
 					warn = append(warn, fmt.Sprintf("GRPCRoute %s/%s %s: %v", rt.Namespace, rt.Name, lr.Name, err))
 				}
 			}
-			lr.BackendRefs = append(lr.BackendRefs, lb)
 		}
 		out.Rules = append(out.Rules, lr)
 	}

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +14,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 	"sigs.k8s.io/yaml"
@@ -196,10 +198,15 @@ func TestServiceConfig_Shop(t *testing.T) {
 	if rd := rt.GetRules()[2].GetFilters()[0].GetRequestRedirect(); rd.GetStatusCode() != 301 || rd.GetPath().GetType() != l7.PathModifier_REPLACE_PREFIX_MATCH {
 		t.Errorf("redirect %v", rd)
 	}
-	// The unsupported filter and backend are left out, with warnings.
+	// The unsupported filter is left out; the backend of an unsupported
+	// kind is kept, marked invalid, so its half of the requests gets 500;
+	// both with warnings.
 	v1 := rt.GetRules()[3]
-	if len(v1.GetFilters()) != 1 || v1.GetFilters()[0].GetUrlRewrite().GetHostname() != "internal.shop" || len(v1.GetBackendRefs()) != 1 {
+	if len(v1.GetFilters()) != 1 || v1.GetFilters()[0].GetUrlRewrite().GetHostname() != "internal.shop" || len(v1.GetBackendRefs()) != 2 {
 		t.Errorf("rewrite rule %v", v1)
+	} else if be := v1.GetBackendRefs(); be[0].GetInvalid() != "" || be[1].GetName() != "s3" || be[1].GetWeight() != 1 ||
+		be[1].GetHostname() != "" || !strings.Contains(be[1].GetInvalid(), "only Services") {
+		t.Errorf("rewrite rule backends %v", be)
 	}
 	if len(info.Warnings) < 3 {
 		t.Errorf("warnings %v", info.Warnings)
@@ -268,5 +275,117 @@ func TestServiceConfig_OnlyForServiceWaypointsWithAnAddress(t *testing.T) {
 	b := world(t, Config{}, ns("a", nil), waypointGW("a", "wp", "all", "wp.a.svc.cluster.local"), svc)
 	if c := b.ServiceConfig(svc); c.Config == nil || c.WaypointKey != "a/wp" {
 		t.Errorf("waypoint for all: %+v", c)
+	}
+}
+
+// Gateway API: a backendRef that cannot be resolved is not routed to, and
+// the requests its weight would have drawn are answered 500, not given to
+// the other backends. So it stays in the config with its weight, port and
+// the reason, without a hostname; each one is also a warning. An invalid
+// mirror backend just mirrors nothing.
+func TestServiceConfig_UnresolvedBackendsKeepTheirShareMarkedInvalid(t *testing.T) {
+	b := world(t, Config{}, loadFixture(t, filepath.Join("testdata", "l7", "unresolved.yaml"))...)
+	info := b.ServiceConfig(b.Store().Service("shop", "web"))
+	sc := info.Config
+	if sc == nil || len(sc.GetHttpRoutes()) != 1 || len(sc.GetGrpcRoutes()) != 1 {
+		t.Fatalf("config %v", sc)
+	}
+	type want struct {
+		ns, name string
+		port     uint32
+		weight   uint32
+		invalid  string // substring of the reason; "" for a valid backend
+	}
+	check := func(what string, got []*l7.BackendRef, wants []want) {
+		t.Helper()
+		if len(got) != len(wants) {
+			t.Fatalf("%s: %d backends, want %d: %v", what, len(got), len(wants), got)
+		}
+		for i, w := range wants {
+			g := got[i]
+			if g.GetNamespace() != w.ns || g.GetName() != w.name || g.GetPort() != w.port || g.GetWeight() != w.weight {
+				t.Errorf("%s backend %d: %v, want %s/%s port %d weight %d", what, i, g, w.ns, w.name, w.port, w.weight)
+			}
+			switch {
+			case w.invalid == "":
+				if g.GetInvalid() != "" || g.GetHostname() != w.name+"."+w.ns+".svc.cluster.local" {
+					t.Errorf("%s backend %d should be valid with a hostname: %v", what, i, g)
+				}
+			case !strings.Contains(g.GetInvalid(), w.invalid):
+				t.Errorf("%s backend %d: invalid %q, want it to say %q", what, i, g.GetInvalid(), w.invalid)
+			case g.GetHostname() != "" || len(g.GetFilters()) != 0:
+				t.Errorf("%s backend %d: an invalid backend has no hostname and no filters: %v", what, i, g)
+			}
+		}
+	}
+	rules := sc.GetHttpRoutes()[0].GetRules()
+	if len(rules) != 2 {
+		t.Fatalf("rules %v", rules)
+	}
+	split, mirror := rules[1], rules[0] // "/mirror" ranks before "/"
+	check("split", split.GetBackendRefs(), []want{
+		{"shop", "v1", 80, 50, ""},
+		{"shop", "v2-missing", 80, 30, "shop/v2-missing: Service not found"},
+		{"db", "pg", 5432, 10, "db/pg: not permitted, no ReferenceGrant in db allows HTTPRoutes of namespace shop"},
+		// Refused before existence is checked: the config does not say
+		// whether db/nowhere exists.
+		{"db", "nowhere", 80, 5, "not permitted"},
+		{"shop", "s3", 0, 4, "only Services are supported"},
+		{"shop", "v3-missing", 80, 1, "Service not found"},
+		{"shop", "v4-missing", 80, 0, "Service not found"},
+	})
+	if f := mirror.GetFilters(); len(f) != 1 || f[0].GetRequestMirror().GetBackend().GetName() != "v1" || f[0].GetRequestMirror().GetBackend().GetInvalid() != "" {
+		t.Errorf("mirror rule filters %v, want only the mirror to shop/v1", f)
+	}
+	check("grpc", sc.GetGrpcRoutes()[0].GetRules()[0].GetBackendRefs(), []want{
+		{"shop", "v1", 9090, 1, ""},
+		{"shop", "grpc-missing", 9090, 3, "Service not found"},
+	})
+	// One warning per invalid backend (the split rule's, the gRPC one) and
+	// one for the mirror left out.
+	var n int
+	for _, w := range info.Warnings {
+		switch {
+		case strings.HasPrefix(w, "HTTPRoute shop/split rule-0: backendRef "), strings.HasPrefix(w, "GRPCRoute shop/grpc rule-0: backendRef "):
+			n++
+		case strings.HasPrefix(w, "HTTPRoute shop/split rule-1: mirror: backendRef shop/shadow-missing: Service not found"):
+			n++
+		default:
+			t.Errorf("unexpected warning %q", w)
+		}
+	}
+	if n != 8 {
+		t.Errorf("%d warnings, want 8: %q", n, info.Warnings)
+	}
+}
+
+// A backend's validity depends on its Service existing, so the Services
+// whose routes name it must be recomputed when it comes or goes:
+// BackendParents finds them through backendRefs and mirrors of both route
+// kinds, matching the namespace too.
+func TestBackendParents_FindsTheRoutesParentsOfABackend(t *testing.T) {
+	b := world(t, Config{}, loadFixture(t, filepath.Join("testdata", "l7", "unresolved.yaml"))...)
+	web := []types.NamespacedName{{Namespace: "shop", Name: "web"}}
+	for _, tc := range []struct {
+		ns, name string
+		want     []types.NamespacedName
+	}{
+		{"shop", "v2-missing", web},     // HTTPRoute backendRef
+		{"shop", "shadow-missing", web}, // mirror
+		{"shop", "grpc-missing", web},   // GRPCRoute backendRef
+		{"db", "pg", web},               // cross-namespace
+		{"db", "v1", nil},               // same name, other namespace
+		{"shop", "web", nil},            // only a parent
+	} {
+		if got := BackendParents(b.Store(), tc.ns, tc.name); !slices.Equal(got, tc.want) {
+			t.Errorf("BackendParents(%s/%s) = %v, want %v", tc.ns, tc.name, got, tc.want)
+		}
+	}
+	// Once the missing Service exists, its parent's recomputed config
+	// routes to it.
+	b.Store().SetService(service("shop", "v2-missing", "10.96.0.9", nil, port(80, intstr.FromInt32(80))))
+	be := b.ServiceConfig(b.Store().Service("shop", "web")).Config.GetHttpRoutes()[0].GetRules()[1].GetBackendRefs()[1]
+	if be.GetInvalid() != "" || be.GetHostname() != "v2-missing.shop.svc.cluster.local" || be.GetWeight() != 30 {
+		t.Errorf("after the Service was created: %v", be)
 	}
 }

@@ -59,7 +59,8 @@ func TestBackendGranted(t *testing.T) {
 
 // A backendRef to a Service of another namespace is routed to only while
 // a ReferenceGrant there allows it (Gateway API); without one the rule
-// loses that backend (the waypoint answers 500 for a rule left with none).
+// keeps that backend marked invalid, so the waypoint answers its share of
+// the requests with 500 instead of sending them to the other backends.
 func TestServiceConfig_CrossNamespaceBackendNeedsReferenceGrant(t *testing.T) {
 	dbNS := gatewayv1.Namespace("db")
 	kindSvc := gatewayv1.Kind("Service")
@@ -77,6 +78,8 @@ func TestServiceConfig_CrossNamespaceBackendNeedsReferenceGrant(t *testing.T) {
 		waypointGW("shop", "waypoint", "", "waypoint.shop.svc.cluster.local"),
 		web, service("shop", "local", "10.96.0.2", nil), service("db", "pg", "10.96.0.3", nil), route,
 	}
+	// backends lists "<ns>/<name>" and, for an invalid one, "!" and whether
+	// its hostname is empty.
 	backends := func(b *Builder) []string {
 		t.Helper()
 		info := b.ServiceConfig(web)
@@ -85,13 +88,20 @@ func TestServiceConfig_CrossNamespaceBackendNeedsReferenceGrant(t *testing.T) {
 		}
 		var out []string
 		for _, be := range info.Config.GetHttpRoutes()[0].GetRules()[0].GetBackendRefs() {
-			out = append(out, be.GetNamespace()+"/"+be.GetName())
+			s := be.GetNamespace() + "/" + be.GetName()
+			if be.GetInvalid() != "" {
+				s += "!"
+				if be.GetHostname() != "" {
+					s += "(with hostname)"
+				}
+			}
+			out = append(out, s)
 		}
 		return out
 	}
 	b := world(t, Config{}, objs...)
-	if got := backends(b); strings.Join(got, ",") != "shop/local" {
-		t.Errorf("without a grant: backends %v, want only shop/local", got)
+	if got := backends(b); strings.Join(got, ",") != "shop/local,db/pg!" {
+		t.Errorf("without a grant: backends %v, want shop/local and db/pg marked invalid without a hostname", got)
 	}
 	info := b.ServiceConfig(web)
 	if len(info.Warnings) != 1 || !strings.Contains(info.Warnings[0], "ReferenceGrant") {
@@ -100,5 +110,8 @@ func TestServiceConfig_CrossNamespaceBackendNeedsReferenceGrant(t *testing.T) {
 	b = world(t, Config{}, append(objs, grant("db", "shop-routes", "HTTPRoute", "shop", "pg"))...)
 	if got := backends(b); strings.Join(got, ",") != "shop/local,db/pg" {
 		t.Errorf("with a grant: backends %v, want shop/local and db/pg", got)
+	}
+	if info := b.ServiceConfig(web); len(info.Warnings) != 0 {
+		t.Errorf("with a grant: warnings %v", info.Warnings)
 	}
 }

@@ -719,7 +719,8 @@ type HTTPRouteRule struct {
 	Matches []*HTTPRouteMatch `protobuf:"bytes,2,rep,name=matches,proto3" json:"matches,omitempty"`
 	// Applied in order.
 	Filters []*HTTPRouteFilter `protobuf:"bytes,3,rep,name=filters,proto3" json:"filters,omitempty"`
-	// Weighted; no backendRefs or all weights 0 answers 500 (Gateway API).
+	// Weighted; no backendRefs, all weights 0, or a picked backend that is
+	// invalid (BackendRef.invalid) answers 500 (Gateway API).
 	BackendRefs   []*BackendRef `protobuf:"bytes,4,rep,name=backend_refs,json=backendRefs,proto3" json:"backend_refs,omitempty"`
 	Timeouts      *Timeouts     `protobuf:"bytes,5,opt,name=timeouts,proto3" json:"timeouts,omitempty"`
 	Retry         *Retry        `protobuf:"bytes,6,opt,name=retry,proto3" json:"retry,omitempty"`
@@ -1545,7 +1546,15 @@ type BackendRef struct {
 	Namespace string `protobuf:"bytes,4,opt,name=namespace,proto3" json:"namespace,omitempty"`
 	Name      string `protobuf:"bytes,5,opt,name=name,proto3" json:"name,omitempty"`
 	// Filters applied only when this backend is chosen.
-	Filters       []*HTTPRouteFilter `protobuf:"bytes,6,rep,name=filters,proto3" json:"filters,omitempty"`
+	Filters []*HTTPRouteFilter `protobuf:"bytes,6,rep,name=filters,proto3" json:"filters,omitempty"`
+	// Set when the backendRef cannot be resolved (kind other than Service,
+	// cross-namespace reference no ReferenceGrant permits, Service not found):
+	// why, for logs. Gateway API: such a backend is never routed to, and the
+	// requests that would have gone to it (its weight's share) are answered
+	// 500; its share is not given to the other backends. hostname is empty
+	// then, so a waypoint that does not know this field finds no endpoints and
+	// refuses the request too; namespace, name, port and weight are kept.
+	Invalid       string `protobuf:"bytes,7,opt,name=invalid,proto3" json:"invalid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1620,6 +1629,13 @@ func (x *BackendRef) GetFilters() []*HTTPRouteFilter {
 		return x.Filters
 	}
 	return nil
+}
+
+func (x *BackendRef) GetInvalid() string {
+	if x != nil {
+		return x.Invalid
+	}
+	return ""
 }
 
 type Timeouts struct {
@@ -3004,7 +3020,7 @@ const file_l7_l7_proto_rawDesc = "" +
 	"\abackend\x18\x01 \x01(\v2\x17.meshlite.l7.BackendRefR\abackend\x12\x1d\n" +
 	"\apercent\x18\x02 \x01(\x01H\x00R\apercent\x88\x01\x01B\n" +
 	"\n" +
-	"\b_percent\"\xbe\x01\n" +
+	"\b_percent\"\xd8\x01\n" +
 	"\n" +
 	"BackendRef\x12\x1a\n" +
 	"\bhostname\x18\x01 \x01(\tR\bhostname\x12\x12\n" +
@@ -3012,7 +3028,8 @@ const file_l7_l7_proto_rawDesc = "" +
 	"\x06weight\x18\x03 \x01(\rR\x06weight\x12\x1c\n" +
 	"\tnamespace\x18\x04 \x01(\tR\tnamespace\x12\x12\n" +
 	"\x04name\x18\x05 \x01(\tR\x04name\x126\n" +
-	"\afilters\x18\x06 \x03(\v2\x1c.meshlite.l7.HTTPRouteFilterR\afilters\"\x83\x01\n" +
+	"\afilters\x18\x06 \x03(\v2\x1c.meshlite.l7.HTTPRouteFilterR\afilters\x12\x18\n" +
+	"\ainvalid\x18\a \x01(\tR\ainvalid\"\x83\x01\n" +
 	"\bTimeouts\x123\n" +
 	"\arequest\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\arequest\x12B\n" +
 	"\x0fbackend_request\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x0ebackendRequest\"\xa7\x01\n" +

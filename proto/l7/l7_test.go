@@ -40,7 +40,7 @@ var schema = map[protoreflect.FullName][]string{
 	"meshlite.l7.RequestRedirect": {"scheme=1 string", "hostname=2 string", "path=3 meshlite.l7.PathModifier", "port=4 uint32", "status_code=5 uint32"},
 	"meshlite.l7.RequestMirror":   {"backend=1 meshlite.l7.BackendRef", "percent=2 optional double"},
 	"meshlite.l7.BackendRef": {"hostname=1 string", "port=2 uint32", "weight=3 uint32", "namespace=4 string", "name=5 string",
-		"filters=6 repeated meshlite.l7.HTTPRouteFilter"},
+		"filters=6 repeated meshlite.l7.HTTPRouteFilter", "invalid=7 string"},
 	"meshlite.l7.Timeouts": {"request=1 google.protobuf.Duration", "backend_request=2 google.protobuf.Duration"},
 	"meshlite.l7.Retry":    {"attempts=1 uint32", "codes=2 repeated uint32", "backoff=3 google.protobuf.Duration", "retry_on_connect_failure=4 bool"},
 	"meshlite.l7.GRPCRoute": {"namespace=1 string", "name=2 string", "ports=3 repeated uint32", "hostnames=4 repeated string",
@@ -203,8 +203,9 @@ func fullConfig() *l7.ServiceConfig {
 			}},
 		}},
 		GrpcRoutes: []*l7.GRPCRoute{{Name: "g", Rules: []*l7.GRPCRouteRule{{
-			Matches:     []*l7.GRPCRouteMatch{{Method: &l7.GRPCMethodMatch{Service: "helloworld.Greeter", Method: "SayHello"}}},
-			BackendRefs: []*l7.BackendRef{backend},
+			Matches: []*l7.GRPCRouteMatch{{Method: &l7.GRPCMethodMatch{Service: "helloworld.Greeter", Method: "SayHello"}}},
+			BackendRefs: []*l7.BackendRef{backend, {Port: 9080, Weight: 1, Namespace: "other", Name: "reviews-v3",
+				Invalid: "backendRef other/reviews-v3: not permitted, no ReferenceGrant in other allows GRPCRoutes of namespace default"}},
 		}}}},
 		AuthorizationPolicies: []*l7.AuthorizationPolicy{{
 			Name: "deny-admin", Namespace: "default", Action: l7.AuthorizationPolicy_DENY,

@@ -31,7 +31,7 @@ import (
 //  3. fault      injected delay, then abort
 //  4. ratelimit  token bucket per route rule [and source identity] (429 + retry-after)
 //  5. filters    request header modifier, redirect (answers), URL rewrite, mirror
-//  6. backend    weighted backendRef, then its own filters
+//  6. backend    weighted backendRef (500 when the pick is unresolved), then its own filters
 //  7. circuit    breaker on the destination Service (503 + x-meshlite-overload)
 //  8. upstream   endpoint by round robin without ejected ones; tries with
 //                retry policy, per-try and request timeouts; outlier reports
@@ -43,6 +43,7 @@ import (
 // Response flags, after Envoy's, for metrics and the access log.
 const (
 	flagNoRoute        = "NR"
+	flagNoCluster      = "NC"
 	flagNoHealthy      = "UH"
 	flagConnectFailure = "UF"
 	flagOverflow       = "UO"
@@ -254,6 +255,16 @@ func (p *Proxy) serve(w *respWriter, r *http.Request, st *reqState, snap *config
 		ref := route.PickBackend(rule.BackendRefs, p.cfg.Rand())
 		if ref == nil {
 			p.localReply(w, st, http.StatusInternalServerError, "no backend with weight")
+			return
+		}
+		if reason := ref.GetInvalid(); reason != "" {
+			// Gateway API: an unresolved backendRef's share of the
+			// requests is answered 500, not sent to the other backends.
+			// The reason stays in the log: it may name what the client
+			// should not learn (another namespace's Services).
+			p.log.Debug("backendRef not resolved", "route", st.access.Route, "backend", ref.GetNamespace()+"/"+ref.GetName(), "reason", reason)
+			st.flag(flagNoCluster)
+			p.localReply(w, st, http.StatusInternalServerError, "backend not resolved")
 			return
 		}
 		if !applyFilters(ref.GetFilters()) {

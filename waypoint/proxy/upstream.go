@@ -360,6 +360,9 @@ func (p *Proxy) writeResponse(w *respWriter, resp *http.Response, mods []*l7.Hea
 // mirror sends a copy of the request to m's backend and drops the answer.
 // At most 64 mirrors are in flight; beyond that copies are skipped.
 func (p *Proxy) mirror(snap *config.Snapshot, out *http.Request, body []byte, m *l7.RequestMirror, st *reqState) {
+	if m.GetBackend().GetInvalid() != "" {
+		return // nothing to mirror to
+	}
 	if pct := m.Percent; pct != nil && p.cfg.Rand()*100 >= *pct {
 		return
 	}
