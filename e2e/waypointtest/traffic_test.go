@@ -199,7 +199,7 @@ spec:
 	objs += "---" + trEchoPod("client", node0, "client", map[string]string{"app": "client"}, 8080, true)
 	for name, sel := range map[string]string{"echo": "app: echo", "echo-v1": "version: v1", "echo-v2": "version: v2",
 		"flaky": "flaky: \"yes\"", "limited": "app: echo", "guarded": "app: echo", "slow": "app: echo", "breaker": "app: echo",
-		"faulty": "app: echo"} {
+		"faulty": "app: echo", "partial": "app: echo"} {
 		objs += "---" + trService(name, sel)
 	}
 	start := time.Now()
@@ -361,6 +361,40 @@ spec:
 			if r.code != 200 || r.fields.Get(echo.FieldPod) != "echo-v2" || r.header.Get("X-Route") != "canary" {
 				t.Fatalf("x-canary request answered by %q (%d, route %q)", r.fields.Get(echo.FieldPod), r.code, r.header.Get("X-Route"))
 			}
+		}
+	})
+
+	t.Run("UnresolvedBackendShareGets500", func(t *testing.T) {
+		// Gateway API: requests a rule would send to a backendRef that does
+		// not resolve get 500; they are not moved to the valid backends.
+		if _, err := e.Sandbox.Apply(e.Ctx, fmt.Sprintf(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: partial, namespace: %s}
+spec:
+  parentRefs: [{group: "", kind: Service, name: partial, port: 80}]
+  rules:
+  - backendRefs: [{name: echo-v1, port: 80, weight: 1}, {name: no-such-service, port: 80, weight: 1}]
+`, trNS)); err != nil {
+			t.Fatal(err)
+		}
+		e.waitConfig("the half-unresolved route at the waypoint", "partial", "/", func(r trResponse) bool { return r.code == 500 })
+		const n = 200
+		codes := map[int]int{}
+		for i := 0; i < n; i++ {
+			r := e.get("partial", "/")
+			if r.err != nil {
+				t.Fatalf("request %d: %v", i, r.err)
+			}
+			codes[r.code]++
+			if r.code == 200 && r.fields.Get(echo.FieldPod) != "echo-v1" {
+				t.Fatalf("request %d answered by %q; only echo-v1 resolves", i, r.fields.Get(echo.FieldPod))
+			}
+		}
+		t.Logf("%d requests: %v", n, codes)
+		// Binomial(200, 0.5): sd 7.1; ±40 is 5.6 sd.
+		if codes[500] < 60 || codes[500] > 140 || codes[200]+codes[500] != n {
+			t.Errorf("answers %v, want about half 500 and half 200", codes)
 		}
 	})
 
