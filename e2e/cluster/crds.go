@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -130,12 +131,39 @@ func decodeFile(path string) ([]*unstructured.Unstructured, error) {
 
 var crdResource = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
 
+// API groups of the CRDs the sandbox installs, for Config.SkipCRDGroups
+// and InstallCRDGroups.
+const (
+	GatewayAPIGroup    = "gateway.networking.k8s.io"
+	IstioSecurityGroup = "security.istio.io"
+	TrafficPolicyGroup = policyv1alpha1.Group
+)
+
 // InstallCRDs applies the sandbox's CRDs and waits until each is
 // Established (served).
 func InstallCRDs(ctx context.Context, rc *rest.Config, log *slog.Logger) error {
-	crds, err := CRDs(ctx)
+	return installCRDs(ctx, rc, log, func(string) bool { return true })
+}
+
+// InstallCRDGroups is InstallCRDs for the CRDs of the given API groups only
+// (to add, later, what Config.SkipCRDGroups left out).
+func InstallCRDGroups(ctx context.Context, rc *rest.Config, log *slog.Logger, groups ...string) error {
+	return installCRDs(ctx, rc, log, func(g string) bool { return slices.Contains(groups, g) })
+}
+
+func installCRDs(ctx context.Context, rc *rest.Config, log *slog.Logger, want func(group string) bool) error {
+	all, err := CRDs(ctx)
 	if err != nil {
 		return err
+	}
+	var crds []*unstructured.Unstructured
+	for _, c := range all {
+		if g, _, _ := unstructured.NestedString(c.Object, "spec", "group"); want(g) {
+			crds = append(crds, c)
+		}
+	}
+	if len(crds) == 0 {
+		return nil
 	}
 	ap, err := manifest.NewApplier(rc, "meshlite-sandbox")
 	if err != nil {

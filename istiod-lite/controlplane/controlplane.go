@@ -98,10 +98,13 @@ type ControlPlane struct {
 	xds       *xds.Server
 	caService *ca.Service
 	publisher *ca.RootPublisher
-	waypoints *waypoints.Controller
-	routes    *routestatus.Writer
-	elector   *leader.Elector
-	promReg   *prometheus.Registry
+	// waypoints and routes exist once the Gateway API is served (at New,
+	// or later from the informers' CRD watcher); gatewayAPI is closed then.
+	waypoints  *waypoints.Controller
+	routes     *routestatus.Writer
+	gatewayAPI chan struct{}
+	elector    *leader.Elector
+	promReg    *prometheus.Registry
 
 	grpcLis, debugLis, readyLis net.Listener
 }
@@ -132,7 +135,7 @@ func New(ctx context.Context, cfg Config) (*ControlPlane, error) {
 		cfg.ServingHosts = DefaultServingHosts(cfg.Namespace, cfg.Mesh.DomainSuffix)
 	}
 	log := cfg.Log
-	cp := &ControlPlane{cfg: cfg, log: log, promReg: prometheus.NewRegistry()}
+	cp := &ControlPlane{cfg: cfg, log: log, promReg: prometheus.NewRegistry(), gatewayAPI: make(chan struct{})}
 	cp.promReg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
 	kc, err := kubernetes.NewForConfig(cfg.RESTConfig)
@@ -165,7 +168,7 @@ func New(ctx context.Context, cfg Config) (*ControlPlane, error) {
 		return nil, err
 	}
 
-	cp.informers, err = registry.NewInformers(kc, gc, dc, cfg.Resync)
+	cp.informers, err = registry.NewInformers(kc, gc, dc, cfg.Resync, log.With("part", "informers"))
 	if err != nil {
 		return nil, err
 	}
@@ -203,17 +206,46 @@ func New(ctx context.Context, cfg Config) (*ControlPlane, error) {
 	if wcfg.XDSServerName == "" {
 		wcfg.XDSServerName = "istiod." + cfg.Namespace + ".svc"
 	}
-	cp.waypoints, err = waypoints.New(kc, gc, cp.informers.Gateways, wcfg, log.With("part", "waypoints"))
-	if err != nil {
-		return nil, err
+	// The waypoint controller and the route status writer need the
+	// Gateway API; without it the mesh is L4 only until its CRDs come.
+	gatewayParts := func() error {
+		wp, err := waypoints.New(kc, gc, cp.informers.Gateways, wcfg, log.With("part", "waypoints"))
+		if err != nil {
+			return err
+		}
+		rs, err := routestatus.New(gc, routestatus.Informers{
+			HTTPRoutes: cp.informers.HTTPRoutes, GRPCRoutes: cp.informers.GRPCRoutes, Services: cp.informers.Services,
+			Namespaces: cp.informers.Namespaces, Gateways: cp.informers.Gateways, ReferenceGrants: cp.informers.ReferenceGrants,
+		}, cfg.Mesh, log.With("part", "route-status"))
+		if err != nil {
+			return err
+		}
+		cp.waypoints, cp.routes = wp, rs
+		close(cp.gatewayAPI)
+		return nil
 	}
-	cp.routes, err = routestatus.New(gc, routestatus.Informers{
-		HTTPRoutes: cp.informers.HTTPRoutes, GRPCRoutes: cp.informers.GRPCRoutes, Services: cp.informers.Services,
-		Namespaces: cp.informers.Namespaces, Gateways: cp.informers.Gateways, ReferenceGrants: cp.informers.ReferenceGrants,
-	}, cfg.Mesh, log.With("part", "route-status"))
-	if err != nil {
-		return nil, err
+	if cp.informers.Served(registry.GatewayAPI) {
+		if err := gatewayParts(); err != nil {
+			return nil, err
+		}
+	} else {
+		log.Info("waypoints disabled until the Gateway API CRDs are installed (gateway.networking.k8s.io/v1 Gateway, HTTPRoute, GRPCRoute)")
 	}
+	// Runs on the informers' CRD watcher, before the new informers start.
+	cp.informers.OnServed(func(a registry.API) error {
+		switch a {
+		case registry.GatewayAPI:
+			if err := gatewayParts(); err != nil {
+				return err
+			}
+			log.Info("Gateway API CRDs installed: waypoints enabled")
+		case registry.ReferenceGrants:
+			if cp.routes != nil {
+				return cp.routes.SetReferenceGrants(cp.informers.ReferenceGrants)
+			}
+		}
+		return nil
+	})
 	if cfg.LeaderElection {
 		if cfg.LeaseName == "" {
 			cfg.LeaseName = "istiod-lite-leader"
@@ -276,9 +308,15 @@ func (cp *ControlPlane) XDS() *xds.Server { return cp.xds }
 func (cp *ControlPlane) Leading() bool { return cp.elector == nil || cp.elector.Leading() }
 
 // lead runs the leader's parts (the waypoint controller and the route
-// status writer) until ctx ends; a part that fails is restarted after a
-// pause, as leadership is not given up for it.
+// status writer), once the Gateway API is served, until ctx ends; a part
+// that fails is restarted after a pause, as leadership is not given up for
+// it.
 func (cp *ControlPlane) lead(ctx context.Context) {
+	select {
+	case <-ctx.Done():
+		return
+	case <-cp.gatewayAPI:
+	}
 	var wg sync.WaitGroup
 	for _, p := range []struct {
 		name string

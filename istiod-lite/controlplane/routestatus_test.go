@@ -103,6 +103,8 @@ func TestRouteStatus_FollowsBackendsAndGrants(t *testing.T) {
 	rec := newL7Rec()
 	xdsClient(t, waypointToken(t, ns, "waypoint"), waypointNode(ns, "waypoint", "waypoint"), rec, ixds.Subscription{TypeURL: l7.TypeURL})
 	web := ns + "/web." + ns + ".svc.cluster.local"
+	// backends lists the rule's backendRefs, an unresolved one (kept for
+	// its share of 500s) marked "!".
 	backends := func(want string) func(m map[string]*l7.ServiceConfig) bool {
 		return func(m map[string]*l7.ServiceConfig) bool {
 			rts := m[web].GetHttpRoutes()
@@ -111,15 +113,21 @@ func TestRouteStatus_FollowsBackendsAndGrants(t *testing.T) {
 			}
 			var got []string
 			for _, b := range rts[0].GetRules()[0].GetBackendRefs() {
-				got = append(got, b.GetNamespace()+"/"+b.GetName())
+				s := b.GetNamespace() + "/" + b.GetName()
+				if b.GetInvalid() != "" {
+					s += "!"
+				}
+				got = append(got, s)
 			}
 			return strings.Join(got, ",") == want
 		}
 	}
-	rec.waitFor(t, "the waypoint routes to web-v2 only (pg not granted)", 10*time.Second, backends(ns+"/web-v2"))
+	rec.waitFor(t, "the waypoint routes to neither (web-v2 missing, pg not granted)", 10*time.Second,
+		backends(ns+"/web-v2!,"+other+"/pg!"))
 	step("web-v2 missing", metav1.ConditionFalse, "BackendNotFound")
 	mkSvc(ns, "web-v2")
 	step("web-v2 created; pg refused", metav1.ConditionFalse, "RefNotPermitted")
+	rec.waitFor(t, "the waypoint routes to web-v2, not to pg (not granted)", 10*time.Second, backends(ns+"/web-v2,"+other+"/pg!"))
 	mkSvc(other, "pg")
 	if _, err := env.gc.GatewayV1beta1().ReferenceGrants(other).Create(ctx, &gatewayv1beta1.ReferenceGrant{
 		ObjectMeta: metav1.ObjectMeta{Name: "shop-routes"},

@@ -16,6 +16,13 @@
 // recompute the Services they touch; their Workload API resources recompute to unchanged
 // versions and push nothing to ztunnels.
 //
+// The Gateway API, ReferenceGrants, TrafficPolicies and Istio's security
+// policies are optional: their informers exist only while the cluster
+// serves them, so a cluster without some CRDs still syncs. Informers
+// watches CustomResourceDefinitions and takes up an API whose CRDs appear
+// later (OnServed hooks register on its informers before they start; their
+// first lists arrive as ordinary adds). A CRD deleted later is only logged.
+//
 // One worker goroutine owns the Store; informer handlers only queue events,
 // and the worker applies queued events in batches so a burst costs one
 // recomputation per affected resource.

@@ -117,30 +117,70 @@ func New(cfg model.Config, in *Informers, out Publisher, log *slog.Logger, reg p
 	if reg != nil {
 		reg.MustRegister(r.events, r.recompute)
 	}
-	for k, inf := range map[kind]cache.SharedIndexInformer{
+	for k, inf := range r.kinds(nil) {
+		if err := r.watch(k, inf); err != nil {
+			return nil, err
+		}
+	}
+	// An API installed later: watch its informers as those above, before
+	// they start; their first lists then arrive as adds and recompute what
+	// they touch, as any change would.
+	in.OnServed(func(a API) error {
+		for k, inf := range r.kinds(&a) {
+			if err := r.watch(k, inf); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return r, nil
+}
+
+// kinds maps each kind to its informer (nil: an API the cluster does not
+// serve); with only, just the kinds of that API.
+func (r *Registry) kinds(only *API) map[kind]cache.SharedIndexInformer {
+	in := r.in
+	if only != nil {
+		switch *only {
+		case GatewayAPI:
+			return map[kind]cache.SharedIndexInformer{kindGateway: in.Gateways, kindHTTPRoute: in.HTTPRoutes, kindGRPCRoute: in.GRPCRoutes}
+		case ReferenceGrants:
+			return map[kind]cache.SharedIndexInformer{kindGrant: in.ReferenceGrants}
+		case TrafficPolicies:
+			return map[kind]cache.SharedIndexInformer{kindTraffic: in.TrafficPolicies}
+		case AuthorizationPolicies:
+			return map[kind]cache.SharedIndexInformer{kindAuthz: in.AuthorizationPolicies}
+		case PeerAuthentications:
+			return map[kind]cache.SharedIndexInformer{kindPeerAuth: in.PeerAuthentications}
+		}
+		return nil
+	}
+	return map[kind]cache.SharedIndexInformer{
 		kindNamespace: in.Namespaces, kindNode: in.Nodes, kindPod: in.Pods, kindService: in.Services,
 		kindSlice: in.EndpointSlices, kindGateway: in.Gateways, kindHTTPRoute: in.HTTPRoutes, kindAuthz: in.AuthorizationPolicies,
 		kindPeerAuth: in.PeerAuthentications, kindGRPCRoute: in.GRPCRoutes, kindTraffic: in.TrafficPolicies,
 		kindGrant: in.ReferenceGrants,
-	} {
-		k := k
-		if inf == nil {
-			continue // an API the cluster does not serve
-		}
-		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc:    func(o any) { r.enqueue(event{kind: k, cur: r.decode(k, o)}) },
-			UpdateFunc: func(o, n any) { r.enqueue(event{kind: k, old: r.decode(k, o), cur: r.decode(k, n)}) },
-			DeleteFunc: func(o any) {
-				if t, ok := o.(cache.DeletedFinalStateUnknown); ok {
-					o = t.Obj
-				}
-				r.enqueue(event{kind: k, old: r.decode(k, o)})
-			},
-		}); err != nil {
-			return nil, fmt.Errorf("watch %s: %w", kindNames[k], err)
-		}
 	}
-	return r, nil
+}
+
+// watch queues inf's events as kind k; a nil inf (not served) is skipped.
+func (r *Registry) watch(k kind, inf cache.SharedIndexInformer) error {
+	if inf == nil {
+		return nil
+	}
+	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(o any) { r.enqueue(event{kind: k, cur: r.decode(k, o)}) },
+		UpdateFunc: func(o, n any) { r.enqueue(event{kind: k, old: r.decode(k, o), cur: r.decode(k, n)}) },
+		DeleteFunc: func(o any) {
+			if t, ok := o.(cache.DeletedFinalStateUnknown); ok {
+				o = t.Obj
+			}
+			r.enqueue(event{kind: k, old: r.decode(k, o)})
+		},
+	}); err != nil {
+		return fmt.Errorf("watch %s: %w", kindNames[k], err)
+	}
+	return nil
 }
 
 // decode turns the policy CRDs' unstructured objects into model types; a
@@ -314,6 +354,13 @@ func (r *Registry) apply(e event, d *dirty) {
 			ns, name = old.Namespace, old.Name
 		}
 		d.add(&d.services, ns, name)
+		// Services whose routes name it as a backend: that backend turns
+		// valid or invalid ("Service not found") as it comes or goes.
+		if (old == nil) != (cur == nil) {
+			for _, k := range model.BackendParents(s, ns, name) {
+				d.add(&d.services, k.Namespace, k.Name)
+			}
+		}
 		// The pods it selected or selects list it in their services; pods
 		// reached through its slices too; and its slices' own workloads
 		// depend on it.

@@ -279,3 +279,53 @@ func TestRegistry_ReferenceGrantRecomputesServicesOfRoutesItLetsIn(t *testing.T)
 		t.Error("deleted grant still cached")
 	}
 }
+
+// A Service created or deleted recomputes the Services whose routes name
+// it as a backend (backendRef or mirror, any namespace): their backend to
+// it turns valid or invalid ("Service not found"). An update does not.
+func TestRegistry_BackendServiceComingOrGoingRecomputesRouteParents(t *testing.T) {
+	r, p := testRegistry()
+	svc := func(ns, name, ip string) *corev1.Service {
+		return &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+			Spec: corev1.ServiceSpec{ClusterIP: ip, Selector: map[string]string{"app": name}}}
+	}
+	kindSvc := gatewayv1.Kind("Service")
+	bNS := gatewayv1.Namespace("b")
+	route := &gatewayv1.HTTPRoute{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "r"},
+		Spec: gatewayv1.HTTPRouteSpec{
+			CommonRouteSpec: gatewayv1.CommonRouteSpec{ParentRefs: []gatewayv1.ParentReference{{Kind: &kindSvc, Name: "web"}}},
+			Rules: []gatewayv1.HTTPRouteRule{{
+				Filters: []gatewayv1.HTTPRouteFilter{{Type: gatewayv1.HTTPRouteFilterRequestMirror,
+					RequestMirror: &gatewayv1.HTTPRequestMirrorFilter{BackendRef: gatewayv1.BackendObjectReference{Namespace: &bNS, Name: "shadow"}}}},
+				BackendRefs: []gatewayv1.HTTPBackendRef{{BackendRef: gatewayv1.BackendRef{BackendObjectReference: gatewayv1.BackendObjectReference{Name: "v2"}}}},
+			}},
+		}}
+	r.process([]event{
+		{kind: kindService, cur: svc("a", "web", "10.96.0.1")},
+		{kind: kindHTTPRoute, cur: route},
+		{kind: kindSynced, cur: true},
+	})
+	step := func(what string, e event, want ...string) {
+		t.Helper()
+		n := len(p.batches)
+		r.process([]event{e})
+		var got []string
+		for _, b := range p.batches[n:] {
+			got = append(got, b...)
+		}
+		sort.Strings(got)
+		sort.Strings(want)
+		if !equal(got, want) {
+			t.Errorf("%s: recomputed %v, want %v", what, got, want)
+		}
+	}
+	v2 := svc("a", "v2", "10.96.0.2")
+	step("the backend created", event{kind: kindService, cur: v2}, "+a/v2.a.svc.cluster.local", "+a/web.a.svc.cluster.local")
+	v2b := v2.DeepCopy()
+	v2b.Labels = map[string]string{"x": "y"}
+	step("the backend updated", event{kind: kindService, old: v2, cur: v2b}, "+a/v2.a.svc.cluster.local")
+	step("the mirror backend in another namespace created", event{kind: kindService, cur: svc("b", "shadow", "10.96.0.3")},
+		"+b/shadow.b.svc.cluster.local", "+a/web.a.svc.cluster.local")
+	step("an unrelated Service created", event{kind: kindService, cur: svc("b", "v2", "10.96.0.4")}, "+b/v2.b.svc.cluster.local")
+	step("the backend deleted", event{kind: kindService, old: v2b}, "-a/v2.a.svc.cluster.local", "+a/web.a.svc.cluster.local")
+}

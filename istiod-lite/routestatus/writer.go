@@ -22,7 +22,8 @@ import (
 )
 
 // Informers are the shared informers the Writer reads (started by the
-// caller). ReferenceGrants may be nil (the API is not served: no grants).
+// caller). ReferenceGrants may be nil (the API is not served: no grants;
+// SetReferenceGrants adds them later); the others are required.
 type Informers struct {
 	HTTPRoutes, GRPCRoutes, Services, Namespaces, Gateways, ReferenceGrants cache.SharedIndexInformer
 }
@@ -58,6 +59,8 @@ type Writer struct {
 	// queue is set while Run runs (on the leader); events before that are
 	// dropped, as Run starts by queueing every route.
 	queue workqueue.TypedRateLimitingInterface[key]
+	// grants is in.ReferenceGrants, which SetReferenceGrants may set late.
+	grants cache.SharedIndexInformer
 }
 
 // New registers the Writer's index and handlers on the informers (before
@@ -66,7 +69,13 @@ func New(gc gatewayclient.Interface, in Informers, cfg model.Config, log *slog.L
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	w := &Writer{gc: gc, in: in, cfg: cfg.WithDefaults(), log: log, now: time.Now}
+	for what, inf := range map[string]cache.SharedIndexInformer{"HTTPRoutes": in.HTTPRoutes, "GRPCRoutes": in.GRPCRoutes,
+		"Services": in.Services, "Namespaces": in.Namespaces, "Gateways": in.Gateways} {
+		if inf == nil {
+			return nil, fmt.Errorf("route status needs an informer on %s (the Gateway API CRDs installed)", what)
+		}
+	}
+	w := &Writer{gc: gc, in: in, cfg: cfg.WithDefaults(), log: log, now: time.Now, grants: in.ReferenceGrants}
 	for k, inf := range map[kind]cache.SharedIndexInformer{kindHTTP: in.HTTPRoutes, kindGRPC: in.GRPCRoutes} {
 		if err := inf.AddIndexers(cache.Indexers{refsIndex: routeRefs}); err != nil {
 			return nil, fmt.Errorf("index %ss: %w", k, err)
@@ -85,29 +94,6 @@ func New(gc gatewayclient.Interface, in Informers, cfg model.Config, log *slog.L
 	}
 	// What a route's status depends on: the Services it names, their
 	// namespaces' labels, waypoints, grants.
-	on := func(inf cache.SharedIndexInformer, what string, f func(any)) error {
-		if inf == nil {
-			return nil
-		}
-		_, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc: f,
-			UpdateFunc: func(o, n any) {
-				if !sameVersion(o, n) {
-					f(n)
-				}
-			},
-			DeleteFunc: func(o any) {
-				if t, ok := o.(cache.DeletedFinalStateUnknown); ok {
-					o = t.Obj
-				}
-				f(o)
-			},
-		})
-		if err != nil {
-			return fmt.Errorf("watch %s: %w", what, err)
-		}
-		return nil
-	}
 	for _, h := range []struct {
 		inf  cache.SharedIndexInformer
 		what string
@@ -123,11 +109,7 @@ func New(gc gatewayclient.Interface, in Informers, cfg model.Config, log *slog.L
 				w.enqueueIndexed("ns:" + m.GetName())
 			}
 		}},
-		{in.ReferenceGrants, "ReferenceGrants", func(o any) {
-			if m, ok := o.(metav1.Object); ok {
-				w.enqueueIndexed("ns:" + m.GetNamespace())
-			}
-		}},
+		{in.ReferenceGrants, "ReferenceGrants", w.grantChanged},
 		{in.Gateways, "Gateways", func(o any) {
 			// Which Services a waypoint serves is read from labels, so a
 			// waypoint's change may concern any route; they are few.
@@ -141,6 +123,60 @@ func New(gc gatewayclient.Interface, in Informers, cfg model.Config, log *slog.L
 		}
 	}
 	return w, nil
+}
+
+// on calls f with the object of every add, delete and real update of inf
+// (nil: nothing to watch).
+func on(inf cache.SharedIndexInformer, what string, f func(any)) error {
+	if inf == nil {
+		return nil
+	}
+	_, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: f,
+		UpdateFunc: func(o, n any) {
+			if !sameVersion(o, n) {
+				f(n)
+			}
+		},
+		DeleteFunc: func(o any) {
+			if t, ok := o.(cache.DeletedFinalStateUnknown); ok {
+				o = t.Obj
+			}
+			f(o)
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("watch %s: %w", what, err)
+	}
+	return nil
+}
+
+func (w *Writer) grantChanged(o any) {
+	if m, ok := o.(metav1.Object); ok {
+		w.enqueueIndexed("ns:" + m.GetNamespace())
+	}
+}
+
+// SetReferenceGrants gives the Writer the ReferenceGrant informer when that
+// API is installed after New (call it before the informer starts). Each
+// grant's first add then re-checks the routes of the namespace it names.
+func (w *Writer) SetReferenceGrants(inf cache.SharedIndexInformer) error {
+	if err := on(inf, "ReferenceGrants", w.grantChanged); err != nil {
+		return err
+	}
+	w.mu.Lock()
+	w.grants = inf
+	w.mu.Unlock()
+	return nil
+}
+
+// informers is w.in with the grants as they are now.
+func (w *Writer) informers() Informers {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	in := w.in
+	in.ReferenceGrants = w.grants
+	return in
 }
 
 func sameVersion(o, n any) bool {
@@ -243,8 +279,8 @@ func (w *Writer) Run(ctx context.Context) error {
 	}()
 	synced := []cache.InformerSynced{w.in.HTTPRoutes.HasSynced, w.in.GRPCRoutes.HasSynced, w.in.Services.HasSynced,
 		w.in.Namespaces.HasSynced, w.in.Gateways.HasSynced}
-	if w.in.ReferenceGrants != nil {
-		synced = append(synced, w.in.ReferenceGrants.HasSynced)
+	if g := w.informers().ReferenceGrants; g != nil {
+		synced = append(synced, g.HasSynced)
 	}
 	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
 		return nil
@@ -297,7 +333,7 @@ func (w *Writer) reconcile(ctx context.Context, k key) error {
 		return err
 	}
 	now := metav1.NewTime(w.now())
-	c := informerCluster{w.in}
+	c := informerCluster{w.informers()}
 	var (
 		want, have gatewayv1.RouteStatus
 		write      func(gatewayv1.RouteStatus) error

@@ -47,6 +47,9 @@ func New(kc kubernetes.Interface, gc gatewayclient.Interface, gateways cache.Sha
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if gateways == nil {
+		return nil, errors.New("the waypoint controller needs a Gateway informer (the Gateway API CRDs installed)")
+	}
 	c := &Controller{kc: kc, gc: gc, gateways: gateways, cfg: cfg.withDefaults(), log: log, now: time.Now}
 	_, err := gateways.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: c.enqueueGateway,
