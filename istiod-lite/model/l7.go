@@ -362,51 +362,64 @@ func BackendParents(s *Store, ns, name string) []types.NamespacedName {
 	}
 	// The kind is not looked at: naming more parents only costs a
 	// recomputation that pushes nothing.
-	names := func(routeNS string, ref gatewayv1.BackendObjectReference) bool {
-		rns := routeNS
-		if ref.Namespace != nil && *ref.Namespace != "" {
-			rns = string(*ref.Namespace)
-		}
-		return rns == ns && string(ref.Name) == name
-	}
-	httpMirrors := func(routeNS string, fs []gatewayv1.HTTPRouteFilter) bool {
-		for _, f := range fs {
-			if f.RequestMirror != nil && names(routeNS, f.RequestMirror.BackendRef) {
-				return true
+	names := func(routeNS string, refs []gatewayv1.BackendObjectReference) bool {
+		return slices.ContainsFunc(refs, func(ref gatewayv1.BackendObjectReference) bool {
+			rns := routeNS
+			if ref.Namespace != nil && *ref.Namespace != "" {
+				rns = string(*ref.Namespace)
 			}
-		}
-		return false
-	}
-	grpcMirrors := func(routeNS string, fs []gatewayv1.GRPCRouteFilter) bool {
-		for _, f := range fs {
-			if f.RequestMirror != nil && names(routeNS, f.RequestMirror.BackendRef) {
-				return true
-			}
-		}
-		return false
+			return rns == ns && string(ref.Name) == name
+		})
 	}
 	for _, rt := range s.HTTPRoutes("") {
-		uses := false
-		for _, r := range rt.Spec.Rules {
-			uses = uses || httpMirrors(rt.Namespace, r.Filters)
-			for _, br := range r.BackendRefs {
-				uses = uses || names(rt.Namespace, br.BackendObjectReference) || httpMirrors(rt.Namespace, br.Filters)
-			}
-		}
-		if uses {
+		if names(rt.Namespace, HTTPRouteBackends(rt)) {
 			add(HTTPRouteServices(rt))
 		}
 	}
 	for _, rt := range s.GRPCRoutes("") {
-		uses := false
-		for _, r := range rt.Spec.Rules {
-			uses = uses || grpcMirrors(rt.Namespace, r.Filters)
-			for _, br := range r.BackendRefs {
-				uses = uses || names(rt.Namespace, br.BackendObjectReference) || grpcMirrors(rt.Namespace, br.Filters)
+		if names(rt.Namespace, GRPCRouteBackends(rt)) {
+			add(ServiceParents(rt.Namespace, rt.Spec.ParentRefs))
+		}
+	}
+	return out
+}
+
+// HTTPRouteBackends lists what an HTTPRoute sends requests to: its
+// backendRefs and mirrors, in order.
+func HTTPRouteBackends(rt *gatewayv1.HTTPRoute) []gatewayv1.BackendObjectReference {
+	var out []gatewayv1.BackendObjectReference
+	mirrors := func(fs []gatewayv1.HTTPRouteFilter) {
+		for _, f := range fs {
+			if f.Type == gatewayv1.HTTPRouteFilterRequestMirror && f.RequestMirror != nil {
+				out = append(out, f.RequestMirror.BackendRef)
 			}
 		}
-		if uses {
-			add(ServiceParents(rt.Namespace, rt.Spec.ParentRefs))
+	}
+	for _, rule := range rt.Spec.Rules {
+		mirrors(rule.Filters)
+		for _, b := range rule.BackendRefs {
+			out = append(out, b.BackendObjectReference)
+			mirrors(b.Filters)
+		}
+	}
+	return out
+}
+
+// GRPCRouteBackends is HTTPRouteBackends for a GRPCRoute.
+func GRPCRouteBackends(rt *gatewayv1.GRPCRoute) []gatewayv1.BackendObjectReference {
+	var out []gatewayv1.BackendObjectReference
+	mirrors := func(fs []gatewayv1.GRPCRouteFilter) {
+		for _, f := range fs {
+			if f.Type == gatewayv1.GRPCRouteFilterRequestMirror && f.RequestMirror != nil {
+				out = append(out, f.RequestMirror.BackendRef)
+			}
+		}
+	}
+	for _, rule := range rt.Spec.Rules {
+		mirrors(rule.Filters)
+		for _, b := range rule.BackendRefs {
+			out = append(out, b.BackendObjectReference)
+			mirrors(b.Filters)
 		}
 	}
 	return out

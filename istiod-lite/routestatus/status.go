@@ -59,56 +59,15 @@ type route struct {
 // Condition times are kept from rt's status where a condition's status did
 // not change, so an unchanged route computes to its own status.
 func HTTPRouteStatus(cfg model.Config, c Cluster, rt *gatewayv1.HTTPRoute, now metav1.Time) gatewayv1.RouteStatus {
-	r := route{kind: "HTTPRoute", meta: rt.ObjectMeta, parentRefs: rt.Spec.ParentRefs, status: rt.Status.RouteStatus, backends: httpBackends(rt)}
+	r := route{kind: "HTTPRoute", meta: rt.ObjectMeta, parentRefs: rt.Spec.ParentRefs, status: rt.Status.RouteStatus, backends: model.HTTPRouteBackends(rt)}
 	return compute(cfg, c, r, now)
 }
 
 // GRPCRouteStatus is HTTPRouteStatus for a GRPCRoute (without
 // ResolvedWaypoints, as Istio).
 func GRPCRouteStatus(cfg model.Config, c Cluster, rt *gatewayv1.GRPCRoute, now metav1.Time) gatewayv1.RouteStatus {
-	r := route{kind: "GRPCRoute", meta: rt.ObjectMeta, parentRefs: rt.Spec.ParentRefs, status: rt.Status.RouteStatus, backends: grpcBackends(rt)}
+	r := route{kind: "GRPCRoute", meta: rt.ObjectMeta, parentRefs: rt.Spec.ParentRefs, status: rt.Status.RouteStatus, backends: model.GRPCRouteBackends(rt)}
 	return compute(cfg, c, r, now)
-}
-
-// httpBackends lists the Services an HTTPRoute sends requests to:
-// backendRefs and mirrors, in order.
-func httpBackends(rt *gatewayv1.HTTPRoute) []gatewayv1.BackendObjectReference {
-	var out []gatewayv1.BackendObjectReference
-	mirrors := func(fs []gatewayv1.HTTPRouteFilter) {
-		for _, f := range fs {
-			if f.Type == gatewayv1.HTTPRouteFilterRequestMirror && f.RequestMirror != nil {
-				out = append(out, f.RequestMirror.BackendRef)
-			}
-		}
-	}
-	for _, rule := range rt.Spec.Rules {
-		mirrors(rule.Filters)
-		for _, b := range rule.BackendRefs {
-			out = append(out, b.BackendObjectReference)
-			mirrors(b.Filters)
-		}
-	}
-	return out
-}
-
-// grpcBackends is httpBackends for a GRPCRoute.
-func grpcBackends(rt *gatewayv1.GRPCRoute) []gatewayv1.BackendObjectReference {
-	var out []gatewayv1.BackendObjectReference
-	mirrors := func(fs []gatewayv1.GRPCRouteFilter) {
-		for _, f := range fs {
-			if f.Type == gatewayv1.GRPCRouteFilterRequestMirror && f.RequestMirror != nil {
-				out = append(out, f.RequestMirror.BackendRef)
-			}
-		}
-	}
-	for _, rule := range rt.Spec.Rules {
-		mirrors(rule.Filters)
-		for _, b := range rule.BackendRefs {
-			out = append(out, b.BackendObjectReference)
-			mirrors(b.Filters)
-		}
-	}
-	return out
 }
 
 // maxParents is how many entries status.parents may hold.

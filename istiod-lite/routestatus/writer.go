@@ -195,10 +195,10 @@ func routeRefs(o any) ([]string, error) {
 	switch rt := o.(type) {
 	case *gatewayv1.HTTPRoute:
 		ns, parents = rt.Namespace, rt.Spec.ParentRefs
-		backends = httpBackends(rt)
+		backends = model.HTTPRouteBackends(rt)
 	case *gatewayv1.GRPCRoute:
 		ns, parents = rt.Namespace, rt.Spec.ParentRefs
-		backends = grpcBackends(rt)
+		backends = model.GRPCRouteBackends(rt)
 	default:
 		return nil, nil
 	}
