@@ -110,6 +110,11 @@ type Agent struct {
 	locks keyLocks
 	mu    sync.Mutex
 	pods  map[string]*podState // by pod uid
+	// kept: pods (by key, to their uid) that were redirected before this
+	// agent started and that it could not re-enroll before the first ZDS
+	// snapshot; ztunnel is told to keep serving them (zds.Server.Keep)
+	// until a retry enrolls them or they go.
+	kept map[string]string
 
 	// owner is what the agent saw of its DaemonSet (uninstall or restart).
 	owner ownerWatch
@@ -150,6 +155,7 @@ func New(cfg Config, kube kubernetes.Interface, log *slog.Logger) (*Agent, error
 		inst:   inst,
 		finder: netnsfind.New(log),
 		pods:   map[string]*podState{},
+		kept:   map[string]string{},
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 30*time.Second),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "pods"}),
@@ -239,7 +245,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.synced.Store(true)
 	a.log.Info("informers synced")
 	// Re-find the node's enrolled pods before ztunnel gets a snapshot
-	// (see zds.Server.Synced); workers start after, so nothing races.
+	// (see zds.Server.Synced). The plugin server already runs; the per-pod
+	// locks order it with this pass, and the workers start after.
 	a.reconcileAll(runCtx)
 	close(zdsSynced)
 

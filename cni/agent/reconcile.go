@@ -87,9 +87,40 @@ func (a *Agent) reconcileAll(ctx context.Context) {
 			}
 			a.log.Warn("reconcile pod; will retry", "pod", key, "err", err)
 			a.queue.AddRateLimited(key)
+			// Left out of the snapshot, a pod the last agent redirected
+			// would be dropped by ztunnel, its traffic refused until the
+			// retry: have ztunnel keep it meanwhile.
+			if annotated(p) && a.state(string(p.UID)) == nil {
+				a.mu.Lock()
+				a.kept[key] = string(p.UID)
+				a.mu.Unlock()
+				a.zds.Keep(string(p.UID), workloadInfo(p))
+			}
 		}
 	}
 	a.log.Info("node's pods reconciled", "pods", len(pods), "took", time.Since(start).Round(time.Millisecond))
+}
+
+// settleKept ends the keep of pod key (see Agent.kept) once it is
+// enrolled again (Add replaced it) or is gone, recreated, finished or no
+// longer redirected (ztunnel is told to drop it).
+func (a *Agent) settleKept(key string, pod *v1.Pod) {
+	a.mu.Lock()
+	uid, ok := a.kept[key]
+	a.mu.Unlock()
+	if !ok {
+		return
+	}
+	switch {
+	case pod != nil && string(pod.UID) == uid && !terminal(pod) && a.state(uid) != nil:
+	case pod != nil && string(pod.UID) == uid && !terminal(pod) && annotated(pod):
+		return // still failing: keep
+	default:
+		a.zds.Del(uid)
+	}
+	a.mu.Lock()
+	delete(a.kept, key)
+	a.mu.Unlock()
 }
 
 // reconcile brings one pod to what its labels ask for.
@@ -101,6 +132,7 @@ func (a *Agent) reconcile(ctx context.Context, key string) error {
 	if err != nil && !isNotFound(err) {
 		return err
 	}
+	defer a.settleKept(key, pod)
 	// Forget what belongs to a pod that is gone, finished or recreated.
 	for _, st := range a.statesFor(key) {
 		if pod == nil || string(pod.UID) != st.uid || terminal(pod) {

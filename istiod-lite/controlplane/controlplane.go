@@ -229,7 +229,7 @@ func New(ctx context.Context, cfg Config) (*ControlPlane, error) {
 			return nil, err
 		}
 	} else {
-		log.Info("waypoints disabled until the Gateway API CRDs are installed (gateway.networking.k8s.io/v1 Gateway, HTTPRoute, GRPCRoute)")
+		log.Info("waypoints disabled until the Gateway API CRDs are installed (gateway.networking.k8s.io/v1 Gateway, HTTPRoute, GRPCRoute: Gateway API v1.1 or later)")
 	}
 	// Runs on the informers' CRD watcher, before the new informers start.
 	cp.informers.OnServed(func(a registry.API) error {

@@ -132,8 +132,15 @@ func (in *Informers) takeUp(ctx context.Context, a API) {
 	for i, inf := range made {
 		synced[i] = inf.HasSynced
 	}
-	if cache.WaitForCacheSync(ctx.Done(), synced...) {
+	// Bounded: an API that cannot be listed (RBAC, a broken conversion
+	// webhook) must not stop the others from being taken up. Its informers
+	// keep retrying on their own.
+	wctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if cache.WaitForCacheSync(wctx.Done(), synced...) {
 		in.log.Info("API installed: now watched", "api", a.String())
+	} else if ctx.Err() == nil {
+		in.log.Error("API installed but not listed within a minute; its informers keep trying", "api", a.String())
 	}
 }
 

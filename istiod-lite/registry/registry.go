@@ -86,6 +86,8 @@ type Registry struct {
 	paKeys    map[string]bool
 	// l7Keys are the ServiceConfig names published.
 	l7Keys map[string]bool
+	// synced: the informers' first lists are in (kindSynced applied).
+	synced bool
 
 	events    *prometheus.CounterVec
 	recompute prometheus.Histogram
@@ -300,6 +302,19 @@ func (r *Registry) apply(e event, d *dirty) {
 	switch e.kind {
 	case kindSynced:
 		d.synced = true
+		r.synced = true
+		// Backend Services seen before this were not followed to the
+		// routes naming them (below): recompute every route's parents once.
+		for _, rt := range s.HTTPRoutes("") {
+			for _, k := range model.HTTPRouteServices(rt) {
+				d.add(&d.services, k.Namespace, k.Name)
+			}
+		}
+		for _, rt := range s.GRPCRoutes("") {
+			for _, k := range model.ServiceParents(rt.Namespace, rt.Spec.ParentRefs) {
+				d.add(&d.services, k.Namespace, k.Name)
+			}
+		}
 	case kindNamespace:
 		old, _ := e.old.(*corev1.Namespace)
 		cur, _ := e.cur.(*corev1.Namespace)
@@ -355,8 +370,10 @@ func (r *Registry) apply(e event, d *dirty) {
 		}
 		d.add(&d.services, ns, name)
 		// Services whose routes name it as a backend: that backend turns
-		// valid or invalid ("Service not found") as it comes or goes.
-		if (old == nil) != (cur == nil) {
+		// valid or invalid ("Service not found") as it comes or goes. Not
+		// during the first lists (every route is scanned once at the sync
+		// instead of once per Service).
+		if r.synced && (old == nil) != (cur == nil) {
 			for _, k := range model.BackendParents(s, ns, name) {
 				d.add(&d.services, k.Namespace, k.Name)
 			}

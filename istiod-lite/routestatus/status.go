@@ -34,6 +34,7 @@ const (
 	// nor its namespace carries istio.io/use-waypoint.
 	msgNoWaypointLabel = "istio.io/use-waypoint label missing from parent and parent namespace; in ambient mode, route will not be respected"
 	msgParentNotFound  = "parent not found"
+	msgConsumerRoute   = "parent in another namespace: not checked"
 )
 
 // Cluster is what a route's status depends on. *model.Store is one; the
@@ -104,19 +105,28 @@ func compute(cfg model.Config, c Cluster, r route, now metav1.Time) gatewayv1.Ro
 			ns = string(*p.Namespace)
 		}
 		conds := map[string]cond{string(gatewayv1.RouteConditionResolvedRefs): refs}
-		svc := c.Service(ns, string(p.Name))
 		waypoints := cond{ok: true, reason: ReasonResolvedWaypoints, message: msgWaypointsResolved}
+		// A consumer route (parent in another namespace): Gateway API
+		// allows it, but meshlite's waypoints apply only the routes of the
+		// Service's own namespace. Nothing of the other namespace is
+		// looked up, so the status tells the route's author nothing about
+		// it (not even whether the Service exists).
+		if ns != r.meta.Namespace {
+			conds[string(gatewayv1.RouteConditionAccepted)] = cond{reason: string(gatewayv1.RouteReasonUnsupportedValue),
+				message: "the parent Service is in another namespace; waypoints apply only routes of the Service's own namespace (producer routes)"}
+			waypoints.message = msgConsumerRoute
+			if r.kind == "HTTPRoute" {
+				conds[ConditionResolvedWaypoints] = waypoints
+			}
+			st.Parents = append(st.Parents, parentStatus(r, p, k, conds, now))
+			continue
+		}
+		svc := c.Service(ns, string(p.Name))
 		switch {
 		case svc == nil:
 			conds[string(gatewayv1.RouteConditionAccepted)] = cond{reason: string(gatewayv1.RouteReasonNoMatchingParent),
 				message: fmt.Sprintf("parent service: %q not found", p.Name)}
 			waypoints.message = msgParentNotFound
-		case ns != r.meta.Namespace:
-			// A consumer route: Gateway API allows it, but meshlite's
-			// waypoints apply only the routes of the Service's namespace.
-			conds[string(gatewayv1.RouteConditionAccepted)] = cond{reason: string(gatewayv1.RouteReasonUnsupportedValue),
-				message: fmt.Sprintf("parent Service %s/%s is in another namespace; waypoints apply only routes of the Service's own namespace (producer routes)", ns, p.Name)}
-			waypoints.message = waypointMessage(cfg, c, svc)
 		default:
 			conds[string(gatewayv1.RouteConditionAccepted)] = cond{ok: true, reason: string(gatewayv1.RouteReasonAccepted), message: msgAccepted}
 			waypoints.message = waypointMessage(cfg, c, svc)
@@ -124,24 +134,28 @@ func compute(cfg model.Config, c Cluster, r route, now metav1.Time) gatewayv1.Ro
 		if r.kind == "HTTPRoute" {
 			conds[ConditionResolvedWaypoints] = waypoints
 		}
-		var old []metav1.Condition
-		for _, op := range r.status.Parents {
-			if op.ControllerName == ControllerName && parentKey(op.ParentRef, r.meta.Namespace) == k {
-				old = op.Conditions
-			}
-		}
-		ps := gatewayv1.RouteParentStatus{ParentRef: p, ControllerName: ControllerName}
-		// Sorted by type, as Istio writes them.
-		for _, t := range []string{string(gatewayv1.RouteConditionAccepted), string(gatewayv1.RouteConditionResolvedRefs), ConditionResolvedWaypoints} {
-			cd, ok := conds[t]
-			if !ok {
-				continue
-			}
-			ps.Conditions = append(ps.Conditions, condition(old, t, cd, r.meta.Generation, now))
-		}
-		st.Parents = append(st.Parents, ps)
+		st.Parents = append(st.Parents, parentStatus(r, p, k, conds, now))
 	}
 	return st
+}
+
+// parentStatus is the status entry of parentRef p (key k) holding conds,
+// each keeping its transition time from the route's current status.
+func parentStatus(r route, p gatewayv1.ParentReference, k string, conds map[string]cond, now metav1.Time) gatewayv1.RouteParentStatus {
+	var old []metav1.Condition
+	for _, op := range r.status.Parents {
+		if op.ControllerName == ControllerName && parentKey(op.ParentRef, r.meta.Namespace) == k {
+			old = op.Conditions
+		}
+	}
+	ps := gatewayv1.RouteParentStatus{ParentRef: p, ControllerName: ControllerName}
+	// Sorted by type, as Istio writes them.
+	for _, t := range []string{string(gatewayv1.RouteConditionAccepted), string(gatewayv1.RouteConditionResolvedRefs), ConditionResolvedWaypoints} {
+		if cd, ok := conds[t]; ok {
+			ps.Conditions = append(ps.Conditions, condition(old, t, cd, r.meta.Generation, now))
+		}
+	}
+	return ps
 }
 
 // condition builds one condition, keeping its transition time from old

@@ -208,7 +208,15 @@ func TestHTTPRouteStatus(t *testing.T) {
 			extra:    []any{svc("db", "pg", bound)},
 			route:    httpRoute("shop", "r", 1, []gatewayv1.ParentReference{{Kind: &kindService, Namespace: ptr(gatewayv1.Namespace("db")), Name: "pg"}}),
 			want:     []string{"pg: Accepted=False/UnsupportedValue ResolvedRefs=True/ResolvedRefs ResolvedWaypoints=True/ResolvedWaypoints"},
-			messages: map[string]string{"Accepted": "producer routes"},
+			messages: map[string]string{"Accepted": "producer routes", "ResolvedWaypoints": "not checked"},
+		},
+		{
+			// The same answer for a Service that does not exist: the status
+			// must not tell the route's author what another namespace holds.
+			name:     "consumer route: parent in another namespace that does not exist",
+			route:    httpRoute("shop", "r", 1, []gatewayv1.ParentReference{{Kind: &kindService, Namespace: ptr(gatewayv1.Namespace("db")), Name: "ghost"}}),
+			want:     []string{"ghost: Accepted=False/UnsupportedValue ResolvedRefs=True/ResolvedRefs ResolvedWaypoints=True/ResolvedWaypoints"},
+			messages: map[string]string{"Accepted": "producer routes", "ResolvedWaypoints": "not checked"},
 		},
 		{
 			name: "one entry per distinct Service parent; Gateway parents are left out",
