@@ -318,17 +318,14 @@ func (a matchRank) before(b matchRank) bool {
 // namespace that no ReferenceGrant there permits (checked before existence,
 // so the config does not tell whether it exists); a Service not found.
 func (b *Builder) backend(ref gatewayv1.BackendObjectReference, weight *int32, routeKind, routeNS string) *l7.BackendRef {
-	ns := routeNS
-	if ref.Namespace != nil && *ref.Namespace != "" {
-		ns = string(*ref.Namespace)
-	}
+	ns, problem := ResolveBackend(b.store, routeKind, routeNS, ref)
 	lb := &l7.BackendRef{Namespace: ns, Name: string(ref.Name), Weight: 1}
-	switch {
-	case (ref.Group != nil && *ref.Group != "" && *ref.Group != "core") || (ref.Kind != nil && *ref.Kind != "Service"):
+	switch problem {
+	case BackendInvalidKind:
 		lb.Invalid = fmt.Sprintf("backendRef %s: only Services are supported", ref.Name)
-	case !BackendGranted(b.store.ReferenceGrants(ns), routeKind, routeNS, ns, string(ref.Name)):
+	case BackendNotPermitted:
 		lb.Invalid = fmt.Sprintf("backendRef %s/%s: not permitted, no ReferenceGrant in %s allows %ss of namespace %s", ns, ref.Name, ns, routeKind, routeNS)
-	case b.store.Service(ns, string(ref.Name)) == nil:
+	case BackendNotFound:
 		lb.Invalid = fmt.Sprintf("backendRef %s/%s: Service not found", ns, ref.Name)
 	default:
 		lb.Hostname = b.cfg.Hostname(ns, string(ref.Name))

@@ -1,6 +1,8 @@
 package model
 
 import (
+	corev1 "k8s.io/api/core/v1"
+
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gatewayv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 )
@@ -41,3 +43,40 @@ func BackendGranted(grants []*gatewayv1beta1.ReferenceGrant, routeKind, routeNS,
 // coreGroup reports whether g names the core API group ("", or "core" as
 // some write it).
 func coreGroup(g string) bool { return g == "" || g == "core" }
+
+// BackendLookup is what resolving a backendRef reads (*Store is one).
+type BackendLookup interface {
+	Service(ns, name string) *corev1.Service
+	ReferenceGrants(ns string) []*gatewayv1beta1.ReferenceGrant
+}
+
+// BackendProblem says why a backendRef does not resolve.
+type BackendProblem int
+
+const (
+	BackendResolved     BackendProblem = iota
+	BackendInvalidKind                 // not a core Service
+	BackendNotPermitted                // another namespace, no ReferenceGrant there allows it
+	BackendNotFound                    // no such Service
+)
+
+// ResolveBackend resolves a backendRef of a route of kind routeKind in
+// routeNS: the Service's namespace and what, if anything, is wrong, in the
+// order the route status reports it. The grant is checked before
+// existence, so neither the waypoint's config nor a route's status tells
+// whether a Service the route may not use exists.
+func ResolveBackend(l BackendLookup, routeKind, routeNS string, ref gatewayv1.BackendObjectReference) (string, BackendProblem) {
+	ns := routeNS
+	if ref.Namespace != nil && *ref.Namespace != "" {
+		ns = string(*ref.Namespace)
+	}
+	switch {
+	case (ref.Group != nil && *ref.Group != "" && *ref.Group != "core") || (ref.Kind != nil && *ref.Kind != "Service"):
+		return ns, BackendInvalidKind
+	case !BackendGranted(l.ReferenceGrants(ns), routeKind, routeNS, ns, string(ref.Name)):
+		return ns, BackendNotPermitted
+	case l.Service(ns, string(ref.Name)) == nil:
+		return ns, BackendNotFound
+	}
+	return ns, BackendResolved
+}

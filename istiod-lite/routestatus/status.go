@@ -178,28 +178,21 @@ func condition(old []metav1.Condition, t string, c cond, gen int64, now metav1.T
 // reports the first that the waypoint cannot use.
 func resolveRefs(cfg model.Config, c Cluster, r route) cond {
 	for _, b := range r.backends {
-		group, kind := "", "Service"
-		if b.Group != nil {
-			group = string(*b.Group)
-		}
-		if b.Kind != nil {
-			kind = string(*b.Kind)
-		}
-		if (group != "" && group != "core") || kind != "Service" {
+		switch ns, problem := model.ResolveBackend(c, r.kind, r.meta.Namespace, b); problem {
+		case model.BackendInvalidKind:
+			group, kind := "", "Service"
+			if b.Group != nil {
+				group = string(*b.Group)
+			}
+			if b.Kind != nil {
+				kind = string(*b.Kind)
+			}
 			return cond{reason: string(gatewayv1.RouteReasonInvalidKind),
 				message: fmt.Sprintf("unsupported backendRef kind: group %q kind %q (only Services)", group, kind)}
-		}
-		ns := r.meta.Namespace
-		if b.Namespace != nil && *b.Namespace != "" {
-			ns = string(*b.Namespace)
-		}
-		// Checked before existence, so a refused reference does not tell
-		// whether the Service exists.
-		if !model.BackendGranted(c.ReferenceGrants(ns), r.kind, r.meta.Namespace, ns, string(b.Name)) {
+		case model.BackendNotPermitted:
 			return cond{reason: string(gatewayv1.RouteReasonRefNotPermitted),
 				message: fmt.Sprintf("backendRef %s/%s not accessible to a %s in namespace %q (missing a ReferenceGrant?)", ns, b.Name, r.kind, r.meta.Namespace)}
-		}
-		if c.Service(ns, string(b.Name)) == nil {
+		case model.BackendNotFound:
 			return cond{reason: string(gatewayv1.RouteReasonBackendNotFound),
 				message: fmt.Sprintf("backend(%s) not found", cfg.Hostname(ns, string(b.Name)))}
 		}
