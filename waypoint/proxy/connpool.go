@@ -2,11 +2,15 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -50,13 +54,16 @@ func newLimitedPool(tr *http.Transport, h2 bool, max uint32, idle time.Duration)
 // RoundTrip sends req on a connection to req.URL.Host that has taken fewer
 // than max requests, or on a new one.
 func (lp *limitedPool) RoundTrip(req *http.Request) (*http.Response, error) {
-	resp, reused, err := lp.roundTrip(req, true)
-	if err == nil || !reused || req.Context().Err() != nil || !replayable(req) {
+	resp, died, err := lp.roundTrip(req, true)
+	if err == nil || !died || req.Context().Err() != nil || !replayable(req) {
 		return resp, err
 	}
 	// A kept-alive connection can go away just as it is picked (the server
 	// closed it while idle, or sent GOAWAY). http.Transport retries such
-	// requests on a new connection when that is safe; so does this pool.
+	// requests on a new connection when that is safe; so does this pool, once,
+	// and only when that connection died before any answer. This stacks with
+	// the route's own retry policy (which counts it as one attempt), as
+	// http.Transport's retry does.
 	if req.GetBody != nil {
 		body, berr := req.GetBody()
 		if berr != nil {
@@ -70,7 +77,9 @@ func (lp *limitedPool) RoundTrip(req *http.Request) (*http.Response, error) {
 	return resp, err
 }
 
-func (lp *limitedPool) roundTrip(req *http.Request, mayReuse bool) (*http.Response, bool, error) {
+// roundTrip sends req on a pooled (mayReuse) or new connection. died reports
+// that it failed on a reused connection that broke before any answer came.
+func (lp *limitedPool) roundTrip(req *http.Request, mayReuse bool) (resp *http.Response, died bool, err error) {
 	c, last, reused, err := lp.get(req.Context(), req.URL.Host, mayReuse)
 	if err != nil {
 		return nil, false, err
@@ -81,8 +90,16 @@ func (lp *limitedPool) roundTrip(req *http.Request, mayReuse bool) (*http.Respon
 		r.Close = true
 		req = &r
 	}
-	resp, err := c.cc.RoundTrip(req)
-	return resp, reused, err
+	resp, err = c.cc.RoundTrip(req)
+	died = err != nil && reused && resp == nil && (c.cc.Err() != nil || connClosedErr(err))
+	return resp, died, err
+}
+
+// connClosedErr reports whether err says the connection itself went away
+// (closed, reset, cut short), not that the request or its answer was bad.
+func connClosedErr(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
 // replayable is http.Transport's rule for sending a request again after its

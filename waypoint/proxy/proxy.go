@@ -56,6 +56,11 @@ type Config struct {
 	// MaxBufferedBody is how much of a request body is kept for retries
 	// and mirrors (1 MiB); larger bodies are streamed and not retried.
 	MaxBufferedBody int64
+	// UpgradeIdleTimeout closes an upgraded (WebSocket) stream in which
+	// neither side sent anything for this long (5 min, like Envoy's stream
+	// idle timeout), so a half-dead peer does not hold both connections, a
+	// goroutine and the circuit-breaker slot forever.
+	UpgradeIdleTimeout time.Duration
 	// Rand returns uniform values in [0,1) (weights, fault shares, mirror).
 	Rand func() float64
 }
@@ -83,7 +88,9 @@ type Proxy struct {
 	// stopping ends when Run stops: upgraded streams close then.
 	stopping context.Context
 	stop     context.CancelFunc
-	wg       sync.WaitGroup // mirrors and upgraded streams
+	wg       sync.WaitGroup // mirrors and upgraded streams; Add only through track
+	wgMu     sync.Mutex     // orders track's Add before Run's Wait
+	wgClosed bool           // under wgMu: Run waits on wg, no more Adds
 	closed   atomic.Bool
 }
 
@@ -124,6 +131,9 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	if cfg.MaxBufferedBody <= 0 {
 		cfg.MaxBufferedBody = 1 << 20
+	}
+	if cfg.UpgradeIdleTimeout <= 0 {
+		cfg.UpgradeIdleTimeout = 5 * time.Minute
 	}
 	if cfg.Rand == nil {
 		cfg.Rand = rand.Float64
@@ -177,6 +187,12 @@ func (p *Proxy) Run(ctx context.Context) error {
 	defer cancel()
 	_ = p.h1.Shutdown(sctx)
 	<-errc
+	// Handlers the 5 s Shutdown gave up on may still be running: from now
+	// on they start no mirror or upgraded stream (track refuses), so no
+	// wg.Add can race the Wait below.
+	p.wgMu.Lock()
+	p.wgClosed = true
+	p.wgMu.Unlock()
 	p.stop()
 	p.upMu.Lock()
 	for _, t := range p.transports {
@@ -187,6 +203,18 @@ func (p *Proxy) Run(ctx context.Context) error {
 	p.upMu.Unlock()
 	p.wg.Wait()
 	return nil
+}
+
+// track counts one more mirror or upgraded stream for Run to wait on, or
+// reports false once Run has begun waiting (the work must then not start).
+func (p *Proxy) track() bool {
+	p.wgMu.Lock()
+	defer p.wgMu.Unlock()
+	if p.wgClosed {
+		return false
+	}
+	p.wg.Add(1)
+	return true
 }
 
 // connInfo is what one tunnel tells about every request on it.

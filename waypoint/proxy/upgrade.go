@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/meshlite/meshlite/internal/hbone"
@@ -180,7 +181,13 @@ func resetConn(c net.Conn) error {
 
 // switchProtocols answers the client's upgrade with the backend's 101 and
 // splices the two connections until both directions are done. A half-close
-// on one side becomes a half-close on the other; a reset aborts both.
+// on one side becomes a half-close on the other; a reset aborts both; a
+// stream idle for Config.UpgradeIdleTimeout is closed on both sides.
+//
+// It runs inside the request's handler, so an open upgraded stream holds
+// its destination's circuit-breaker slot (maxConnections / maxPending
+// requests) until it ends, as in Envoy, where the upgraded stream stays an
+// active request.
 func (p *Proxy) switchProtocols(w *respWriter, resp *http.Response, mods []*l7.HeaderModifier, st *reqState) {
 	up, ok := resp.Body.(*upgradedConn)
 	upType := resp.Header.Get("Upgrade")
@@ -203,8 +210,12 @@ func (p *Proxy) switchProtocols(w *respWriter, resp *http.Response, mods []*l7.H
 	h.Set("Upgrade", upType)
 	// Registered before the connection leaves the server's hands, so Run
 	// (which closes upgraded streams after the server has shut down) waits
-	// for this one too.
-	p.wg.Add(1)
+	// for this one too; once Run waits, no new stream starts.
+	if !p.track() {
+		up.Close()
+		p.localReply(w, st, http.StatusServiceUnavailable, "waypoint shutting down")
+		return
+	}
 	defer p.wg.Done()
 	conn, brw, err := http.NewResponseController(w.w).Hijack()
 	if err != nil {
@@ -232,8 +243,69 @@ func (p *Proxy) switchProtocols(w *respWriter, resp *http.Response, mods []*l7.H
 		up.Close()
 	})
 	defer stop()
-	in, out, err := hbone.Relay(client, up)
+	// Neither side sending for UpgradeIdleTimeout ends the stream.
+	idle := newIdleTimer(p.cfg.UpgradeIdleTimeout, func() {
+		p.log.Debug("upgraded stream idle, closing", "upstream", st.access.Upstream, "timeout", p.cfg.UpgradeIdleTimeout)
+		client.Close()
+		up.Close()
+	})
+	defer idle.stop()
+	in, out, err := hbone.Relay(&activeConn{Conn: client, idle: idle}, &activeConn{Conn: up, idle: idle})
 	st.upgradedIn, w.bytes = in, w.bytes+out
 	p.log.Debug("upgraded stream done", "src.identity", st.ci.peer, "upstream", st.access.Upstream,
 		"protocol", upType, "sent", in, "received", out, "error", err)
 }
+
+// idleTimer calls fire once nothing was read on an upgraded stream for d.
+// Reads only store a timestamp; the timer re-arms itself for what is left
+// when it wakes early, so busy streams cost no timer resets.
+type idleTimer struct {
+	start   time.Time
+	last    atomic.Int64 // nanoseconds since start of the latest read
+	stopped atomic.Bool
+	t       *time.Timer
+}
+
+func newIdleTimer(d time.Duration, fire func()) *idleTimer {
+	it := &idleTimer{start: time.Now()}
+	// Armed only once it.t is set: the callback reads it.t.
+	it.t = time.AfterFunc(time.Hour, func() {
+		if it.stopped.Load() {
+			return
+		}
+		if left := time.Duration(it.last.Load()) + d - time.Since(it.start); left > 0 {
+			it.t.Reset(left)
+			return
+		}
+		fire()
+	})
+	it.t.Reset(d)
+	return it
+}
+
+// touch pushes the deadline to d from now.
+func (it *idleTimer) touch() { it.last.Store(int64(time.Since(it.start))) }
+
+func (it *idleTimer) stop() {
+	it.stopped.Store(true)
+	it.t.Stop()
+}
+
+// activeConn is one side of an upgraded stream: every read on it counts as
+// activity for the whole stream. It keeps the side's CloseWrite and Reset.
+type activeConn struct {
+	net.Conn
+	idle *idleTimer
+}
+
+func (c *activeConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if n > 0 {
+		c.idle.touch()
+	}
+	return n, err
+}
+
+func (c *activeConn) CloseWrite() error { return closeWriteConn(c.Conn) }
+
+func (c *activeConn) Reset() error { return resetConn(c.Conn) }

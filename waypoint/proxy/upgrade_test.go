@@ -2,11 +2,14 @@ package proxy
 
 import (
 	"bufio"
+	"context"
 	"crypto/sha1"
 	"encoding/base64"
+	"errors"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"regexp"
 	"strings"
 	"sync/atomic"
@@ -134,7 +137,10 @@ func TestWaypoint_WebSocketUpgradeIsSplicedToTheRoutedBackend(t *testing.T) {
 	// Counted as a request: metrics and an access log line with status 101.
 	want := "response_code=101"
 	waitFor(t, func() bool { return strings.Contains(requestSeries(t, m), want) }, "istio_requests_total with "+want)
-	line := regexp.MustCompile(`msg=access method=GET [^\n]*path=/ws/chat [^\n]*`).FindString(m.logs.String())
+	// The access line is written right after the metric: wait for it too.
+	accessRe := regexp.MustCompile(`msg=access method=GET [^\n]*path=/ws/chat [^\n]*`)
+	waitFor(t, func() bool { return accessRe.MatchString(m.logs.String()) }, "the access log line for /ws/chat")
+	line := accessRe.FindString(m.logs.String())
 	if !strings.Contains(line, "status=101") || !strings.Contains(line, "bytes_in=21 ") || !strings.Contains(line, "bytes_out=28 ") {
 		t.Errorf("access log line %q: want status 101, the stream's 21 bytes in and 28 out", line)
 	}
@@ -213,6 +219,116 @@ func TestWaypoint_WebSocketResetOnOneSideResetsTheOther(t *testing.T) {
 	if time.Since(start) > 3*time.Second {
 		t.Fatalf("client stream still open %v after the backend reset (%v)", time.Since(start), err)
 	}
+	// A reset, not a clean end: io.ReadAll reports io.EOF as nil.
+	if err == nil || errors.Is(err, io.EOF) || os.IsTimeout(err) || !strings.Contains(err.Error(), "reset") {
+		t.Fatalf("client stream ended with %v after the backend reset, want a reset", err)
+	}
+	t.Logf("client saw: %v", err)
+}
+
+// wsHandshakeTo sends a WebSocket handshake for path on a new tunnel and
+// returns the answer's head and a reader for the rest.
+func wsHandshakeTo(t *testing.T, m *mesh, path string) (net.Conn, *bufio.Reader, *http.Response) {
+	t.Helper()
+	c := m.rawTunnel()
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, strings.Replace(wsHandshake, "%s", path, 1)); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("reading the answer to a handshake for %s: %v", path, err)
+	}
+	return c, br, resp
+}
+
+func TestWaypoint_WebSocketDeniedByAuthorizationPolicyGets403AndNoUpstream(t *testing.T) {
+	m := newMesh(t)
+	m.addService("echo", vip)
+	seen := make(chan http.Header, 4)
+	ep := m.addEndpoint("echo", true, wsEchoApp(t, seen, 0))
+	m.bind("echo", &l7.ServiceConfig{AuthorizationPolicies: []*l7.AuthorizationPolicy{{
+		Name: "deny-admin", Namespace: "default", Action: l7.AuthorizationPolicy_DENY,
+		Rules: []*l7.AuthorizationRule{{To: []*l7.Operation{{Paths: []string{"/admin*"}}}}},
+	}}})
+	_, _, resp := wsHandshakeTo(t, m, "/admin/ws")
+	if resp.StatusCode != http.StatusForbidden || resp.Header.Get("Upgrade") != "" {
+		t.Fatalf("a handshake to a denied path: %d %v, want 403 without Upgrade", resp.StatusCode, resp.Header)
+	}
+	// The upstream is dialed before any answer, so by now it would show.
+	if got := ep.tunnels.Load(); got != 0 {
+		t.Errorf("the endpoint's ztunnel accepted %d tunnels for a denied handshake, want none", got)
+	}
+	if got := ep.hits.Load(); got != 0 {
+		t.Errorf("the app saw %d requests for a denied handshake, want none", got)
+	}
+
+	// The same handshake to an allowed path goes through (and is counted):
+	// the denial was the policy.
+	_, _, resp = wsHandshakeTo(t, m, "/ws")
+	if resp.StatusCode != http.StatusSwitchingProtocols || ep.tunnels.Load() == 0 || ep.hits.Load() != 1 {
+		t.Fatalf("a handshake to an allowed path: %d with %d tunnels, %d requests; want 101 through one",
+			resp.StatusCode, ep.tunnels.Load(), ep.hits.Load())
+	}
+}
+
+func TestWaypoint_WebSocketAboveRateLimitGets429(t *testing.T) {
+	m := newMesh(t)
+	m.addService("echo", vip)
+	seen := make(chan http.Header, 4)
+	ep := m.addEndpoint("echo", true, wsEchoApp(t, seen, 0))
+	// Nearly no refill: the burst of 2 is all there is during the test.
+	m.bind("echo", &l7.ServiceConfig{Resilience: &l7.ResiliencePolicy{Name: "tp",
+		RateLimit: &l7.RateLimit{RequestsPerSecond: 0.01, Burst: 2}}})
+	for i := range 2 {
+		_, _, resp := wsHandshakeTo(t, m, "/ws")
+		if resp.StatusCode != http.StatusSwitchingProtocols {
+			t.Fatalf("handshake %d within the burst: %d, want 101", i+1, resp.StatusCode)
+		}
+	}
+	_, _, resp := wsHandshakeTo(t, m, "/ws")
+	if resp.StatusCode != http.StatusTooManyRequests || resp.Header.Get("Upgrade") != "" {
+		t.Fatalf("handshake above the rate limit: %d %v, want 429 without Upgrade", resp.StatusCode, resp.Header)
+	}
+	if got := ep.hits.Load(); got != 2 {
+		t.Errorf("the app saw %d handshakes, want the 2 within the burst", got)
+	}
+}
+
+func TestWaypoint_IdleUpgradedStreamIsClosed(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	m := newMesh(t, func(c *Config) { c.UpgradeIdleTimeout = idle })
+	m.addService("echo", vip)
+	seen := make(chan http.Header, 4)
+	m.addEndpoint("echo", true, wsEchoApp(t, seen, 0))
+	m.bind("echo", nil)
+	c, br, resp := wsHandshakeTo(t, m, "/ws")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("handshake: %d, want 101", resp.StatusCode)
+	}
+	if line, err := br.ReadString('\n'); err != nil || line != "hi\n" {
+		t.Fatalf("read %q (%v), want the greeting", line, err)
+	}
+	// Traffic keeps it open well past the timeout: every read pushes it on.
+	start := time.Now()
+	for time.Since(start) < 3*idle {
+		time.Sleep(idle / 3)
+		if _, err := io.WriteString(c, "ping\n"); err != nil {
+			t.Fatalf("write on an active stream after %v: %v", time.Since(start), err)
+		}
+		if line, err := br.ReadString('\n'); err != nil || line != "ping\n" {
+			t.Fatalf("echo on an active stream after %v: %q (%v)", time.Since(start), line, err)
+		}
+	}
+	// Then silence: the waypoint closes the stream about idle later.
+	start = time.Now()
+	_, err := io.ReadAll(br)
+	el := time.Since(start)
+	if os.IsTimeout(err) || el < idle*2/3 || el > idle+2*time.Second {
+		t.Fatalf("idle stream ended after %v (%v), want closed by the waypoint after ~%v", el, err, idle)
+	}
 }
 
 func TestWaypoint_NonUpgradeRequestStillStripsHopHeaders(t *testing.T) {
@@ -274,4 +390,33 @@ func TestUpgradeType(t *testing.T) {
 			t.Errorf("HTTP/%d Connection %q Upgrade %q: %q, want %q", tc.proto, tc.conn, tc.up, got, tc.want)
 		}
 	}
+}
+
+// Once Run waits for mirrors and upgraded streams, none can start: a handler
+// the shutdown gave up on gets false from track (and answers 503 or skips
+// the mirror) instead of calling wg.Add during wg.Wait.
+func TestProxy_TrackRefusesWorkOnceRunWaits(t *testing.T) {
+	m := newMesh(t)
+	p, err := New(m.proxy.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !p.track() {
+		t.Fatal("track refused work before Run stopped")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	done := make(chan struct{})
+	go func() { p.Run(ctx); close(done) }()
+	waitFor(t, func() bool { p.wgMu.Lock(); defer p.wgMu.Unlock(); return p.wgClosed }, "Run to start waiting")
+	select {
+	case <-done:
+		t.Fatal("Run returned while tracked work was still running")
+	default:
+	}
+	if p.track() {
+		t.Fatal("track accepted work after Run began waiting")
+	}
+	p.wg.Done()
+	<-done
 }

@@ -383,7 +383,12 @@ func (p *Proxy) mirror(snap *config.Snapshot, out *http.Request, body []byte, m 
 	req.Body = io.NopCloser(strings.NewReader(string(body)))
 	req.ContentLength = int64(len(body))
 	rt := p.transport(st.ci.src.Addr(), out.ProtoMajor == 2, 0)
-	p.wg.Add(1)
+	if !p.track() {
+		// The proxy is stopping: no new mirrors.
+		cancel()
+		<-p.mirrors
+		return
+	}
 	go func() {
 		defer p.wg.Done()
 		defer func() { <-p.mirrors }()
