@@ -222,6 +222,30 @@ func (c *h2Conn) flushLocked() error {
 	return err
 }
 
+// abandonWriteLocked gives back the n bytes a write on st debited from
+// the connection's send window when st was reset or the connection closed
+// before it could write (nothing may follow RST_STREAM), and returns why.
+// wmu and mu are held; it releases mu.
+func (c *h2Conn) abandonWriteLocked(st *h2Stream, n int) error {
+	c.sendWin += int64(n)
+	err := st.resetErr
+	if err == nil {
+		err = c.err
+	}
+	if err == nil {
+		err = errConnClosed
+	}
+	closed := c.closed
+	c.mu.Unlock()
+	if !closed {
+		// A writer before us may have left its frames to our flush.
+		if ferr := c.flushIfLastLocked(); ferr != nil {
+			c.closeWithError(ferr)
+		}
+	}
+	return err
+}
+
 // refreshWriteDeadlineLocked pushes the write deadline out; wmu is held.
 // Moving it on every flush costs; a second of slack is fine.
 func (c *h2Conn) refreshWriteDeadlineLocked() {
@@ -241,23 +265,7 @@ func (c *h2Conn) writeFrameDirect(st *h2Stream, frame []byte) error {
 	defer c.wmu.Unlock()
 	c.mu.Lock()
 	if st.rstSent || c.closed {
-		c.sendWin += int64(n) // nothing may follow RST_STREAM
-		err := st.resetErr
-		if err == nil {
-			err = c.err
-		}
-		if err == nil {
-			err = errConnClosed
-		}
-		closed := c.closed
-		c.mu.Unlock()
-		if !closed {
-			// A writer before us may have left its frames to our flush.
-			if ferr := c.flushIfLastLocked(); ferr != nil {
-				c.closeWithError(ferr)
-			}
-		}
-		return err
+		return c.abandonWriteLocked(st, n)
 	}
 	c.mu.Unlock()
 	frame[0], frame[1], frame[2] = byte(n>>16), byte(n>>8), byte(n)
@@ -1025,24 +1033,7 @@ func (c *h2Conn) writeData(st *h2Stream, p []byte, endStream bool) error {
 	defer c.wmu.Unlock()
 	c.mu.Lock()
 	if st.rstSent || c.closed {
-		// The stream was reset meanwhile: nothing may follow RST_STREAM.
-		c.sendWin += int64(len(p))
-		err := st.resetErr
-		if err == nil {
-			err = c.err
-		}
-		if err == nil {
-			err = errConnClosed
-		}
-		closed := c.closed
-		c.mu.Unlock()
-		if !closed {
-			// A writer before us may have left its frames to our flush.
-			if ferr := c.flushIfLastLocked(); ferr != nil {
-				c.closeWithError(ferr)
-			}
-		}
-		return err
+		return c.abandonWriteLocked(st, len(p))
 	}
 	maxFrame := int(c.peerMaxFrame)
 	if endStream {

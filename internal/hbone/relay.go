@@ -2,7 +2,6 @@ package hbone
 
 import (
 	"errors"
-	"io"
 	"net"
 	"sync"
 )
@@ -102,25 +101,12 @@ func copyHalf(dst, src net.Conn) (int64, error) {
 	}
 	bp := getBuf()
 	defer putBuf(bp)
-	buf := *bp
-	var n int64
-	for {
-		nr, rerr := src.Read(buf)
-		if nr > 0 {
-			nw, werr := dst.Write(buf[:nr])
-			n += int64(nw)
-			if werr != nil {
-				return n, werr
-			}
-		}
-		if rerr != nil {
-			if errors.Is(rerr, io.EOF) {
-				if err := closeWrite(dst); err != nil && !errors.Is(err, net.ErrClosed) {
-					return n, err
-				}
-				return n, nil
-			}
-			return n, rerr
-		}
+	n, err := copyBuffer(dst, src, *bp)
+	if err != nil {
+		return n, err
 	}
+	if err := closeWrite(dst); err != nil && !errors.Is(err, net.ErrClosed) {
+		return n, err
+	}
+	return n, nil
 }
